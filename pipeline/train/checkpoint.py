@@ -1,0 +1,99 @@
+"""Checkpoint directories: weights that load without pickle, verified by checksums.
+
+Layout of one checkpoint directory::
+
+    model.safetensors   the VAE, unwrapped from DDP (no ``module.`` prefix)
+    ema.safetensors     EMA weights (optional)
+    optim.pt            optimizer + scheduler state, loaded with ``torch.load(weights_only=True)``
+    state.json          step, epoch, data-stream state, the full job config, MLflow run id
+    checksums.json      sha256 of every file above; written last
+
+A tampered or truncated file fails :func:`load` with an error naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.model.io import load_weights, save_weights
+
+CHECKSUMS = "checksums.json"
+
+
+class CheckpointError(PipelineError):
+    pass
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP/FSDP-style wrappers."""
+    return getattr(model, "module", model)
+
+
+def weights_bytes(model: torch.nn.Module) -> bytes:
+    return save_weights(unwrap(model))
+
+
+def save(directory: str | Path, *, model: torch.nn.Module, state: dict[str, Any],
+         optimizer=None, scheduler=None, ema: torch.nn.Module | None = None) -> Path:
+    """Write a checkpoint into ``directory`` (created). Returns the directory."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    files: dict[str, bytes] = {"model.safetensors": weights_bytes(model)}
+    if ema is not None:
+        files["ema.safetensors"] = weights_bytes(ema)
+    if optimizer is not None:
+        buf = io.BytesIO()
+        torch.save({"optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else {}}, buf)
+        files["optim.pt"] = buf.getvalue()
+    files["state.json"] = json.dumps(state, indent=1, sort_keys=True).encode()
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    sums = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    (d / CHECKSUMS).write_text(json.dumps(sums, indent=1, sort_keys=True))
+    return d
+
+
+def _read_verified(d: Path, name: str, sums: dict[str, str]) -> bytes:
+    path = d / name
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing from checkpoint") from None
+    if hashlib.sha256(data).hexdigest() != sums.get(name):
+        raise CheckpointError(f"{path}: checksum mismatch (tampered or truncated checkpoint)")
+    return data
+
+
+def load(directory: str | Path, *, with_optimizer: bool = True) -> dict[str, Any]:
+    """Read and verify a checkpoint. No pickle is executed.
+
+    Returns:
+        ``{"model": state_dict, "ema": state_dict | None, "optim": dict | None, "state": dict}``.
+    """
+    d = Path(directory)
+    try:
+        sums = json.loads((d / CHECKSUMS).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        raise CheckpointError(f"{d / CHECKSUMS}: missing or unreadable: not a complete checkpoint") from None
+    try:
+        out: dict[str, Any] = {"model": load_weights(_read_verified(d, "model.safetensors", sums))}
+        out["ema"] = (load_weights(_read_verified(d, "ema.safetensors", sums))
+                      if "ema.safetensors" in sums else None)
+        out["optim"] = None
+        if with_optimizer and "optim.pt" in sums:
+            raw = _read_verified(d, "optim.pt", sums)
+            out["optim"] = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
+        out["state"] = json.loads(_read_verified(d, "state.json", sums))
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors/torch parse errors on a corrupt file
+        raise CheckpointError(f"{d}: unreadable checkpoint: {e}") from None
+    return out
