@@ -1,0 +1,217 @@
+"""The gallery job: sample grids from a registered model, idempotently.
+
+Output goes under ``{output_url}/{model}/v{version}/{config_hash}/``; ``_SUCCESS.json`` is
+written last, so a gallery without it is incomplete and a re-run with the same model version
+and sampling config finds the marker and does nothing. The model is rebuilt from the config
+stored with it; this module never imports the training loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline import storage
+from pipeline.config import SampleConfig, SampleJob, to_dict
+from pipeline.errors import PipelineError
+from pipeline.images import grid, png_bytes
+from pipeline.model import VAE, build_model, load_weights
+
+MARKER = "_SUCCESS.json"
+
+
+@dataclass
+class LoadedModel:
+    vae: VAE
+    name: str
+    version: str  # registry version, or "ckpt-<sha>" for a checkpoint URL
+    train_run_id: str
+    model_config: dict
+    metrics: dict
+
+
+def config_hash(s: SampleConfig) -> str:
+    """A short hash of everything that changes the gallery's pixels (not where it goes)."""
+    d = to_dict(s)
+    for k in ("output_url", "model_name", "model_alias", "model_version", "checkpoint_url"):
+        d.pop(k)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def resolve_version(job: SampleJob) -> tuple[str, object | None]:
+    """(version, MLflow ModelVersion) the config points at, with one clear error if missing."""
+    s = job.sample
+    if s.checkpoint_url:
+        digest = hashlib.sha256(s.checkpoint_url.encode()).hexdigest()[:10]
+        return f"ckpt-{digest}", None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.train.tracking import configure_client_timeouts
+
+    configure_client_timeouts()
+    client = MlflowClient(job.tracking.mlflow_uri)
+    try:
+        if s.model_version:
+            mv = client.get_model_version(s.model_name, str(s.model_version))
+        else:
+            mv = client.get_model_version_by_alias(s.model_name, s.model_alias)
+    except MlflowException as e:
+        what = (f"version {s.model_version}" if s.model_version else f"alias {s.model_alias!r}")
+        code = getattr(e, "error_code", "")
+        if code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(e).lower() or "does not exist" in str(e).lower():
+            raise PipelineError(
+                f"model {s.model_name!r} {what} not found in the registry at {job.tracking.mlflow_uri}"
+            ) from None
+        raise PipelineError(f"MLflow at {job.tracking.mlflow_uri}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # connection refused, timeout
+        raise PipelineError(f"MLflow at {job.tracking.mlflow_uri} unreachable: {type(e).__name__}") from None
+    return str(mv.version), mv
+
+
+def load_model(job: SampleJob, version: str, mv) -> LoadedModel:
+    s = job.sample
+    with tempfile.TemporaryDirectory() as tmp:
+        if mv is None:
+            from pipeline.train import checkpoint
+
+            local = storage.download_dir(s.checkpoint_url, tmp)
+            saved = checkpoint.load(local, with_optimizer=False)
+            cfg = saved["state"]["config"]["model"]
+            weights = saved["ema"] or saved["model"]
+            run_id = saved["state"].get("mlflow_run_id", "")
+            vae = build_model(cfg)
+            vae.load_state_dict(weights)
+            return LoadedModel(vae.eval(), s.model_name, version, run_id, cfg, {})
+        import mlflow
+
+        mlflow.set_tracking_uri(job.tracking.mlflow_uri)
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{s.model_name}/{version}", dst_path=tmp))
+        meta = json.loads(next(local.rglob("config.json")).read_text())
+        vae = build_model(meta["model"])
+        vae.load_state_dict(load_weights(next(local.rglob("weights.safetensors")).read_bytes()))
+        run_id = mv.run_id or meta.get("train_run_id", "")
+        metrics = {}
+        if run_id:
+            from mlflow.tracking import MlflowClient
+
+            metrics = dict(MlflowClient(job.tracking.mlflow_uri).get_run(run_id).data.metrics)
+        return LoadedModel(vae.eval(), s.model_name, version, run_id, meta["model"], metrics)
+
+
+@torch.no_grad()
+def make_gallery(m: LoadedModel, s: SampleConfig, held_out: torch.Tensor | None) -> dict[str, bytes]:
+    """All grids as PNG bytes, keyed by file name. Deterministic for a given seed."""
+    vae, n = m.vae, s.grid_rows * s.grid_cols
+    g = torch.Generator().manual_seed(s.seed)
+    out: dict[str, bytes] = {}
+    for t in s.temperatures:
+        imgs = vae.sample_prior(n, temperature=t, generator=g).clamp(0, 1)
+        out[f"prior_t{t:g}.png"] = png_bytes(grid(imgs, s.grid_cols))
+    if held_out is None or len(held_out) == 0:
+        return out
+    x = held_out[: max(2, n // 2)]
+    params, post = vae(x, sample_posterior=False)
+    recon = vae.likelihood.mean(params).clamp(0, 1)
+    pairs = torch.stack([x, recon], 1).flatten(0, 1)  # original, reconstruction, ...
+    out["reconstructions.png"] = png_bytes(grid(pairs, s.grid_cols - s.grid_cols % 2 or 2))
+    mu = post.mode()
+    if s.interpolation_pairs and len(x) >= 2:
+        k = min(s.interpolation_pairs, len(x) // 2)
+        a, b = mu[:k], mu[k : 2 * k]
+        w = torch.linspace(0, 1, s.interpolation_steps).view(1, -1, *([1] * (mu.dim() - 1)))
+        z = a.unsqueeze(1) * (1 - w) + b.unsqueeze(1) * w  # (k, steps, *latent)
+        imgs = vae.likelihood.mean(vae.decode(z.flatten(0, 1))).clamp(0, 1)
+        out["interpolations.png"] = png_bytes(grid(imgs, s.interpolation_steps))
+    if s.traversal_dims and not vae.deterministic:
+        kl = post.kl_per_unit().flatten(1).mean(0)  # nats per latent unit
+        dims = kl.argsort(descending=True)[: s.traversal_dims]
+        base = mu[:1].flatten(1).repeat(len(dims) * s.traversal_steps, 1)
+        vals = torch.linspace(-s.traversal_range, s.traversal_range, s.traversal_steps)
+        for i, d in enumerate(dims):
+            base[i * s.traversal_steps : (i + 1) * s.traversal_steps, d] = vals
+        imgs = vae.likelihood.mean(vae.decode(base.view(-1, *mu.shape[1:]))).clamp(0, 1)
+        out["traversals.png"] = png_bytes(grid(imgs, s.traversal_steps))
+    return out
+
+
+def index_html(m: LoadedModel, files: list[str], s: SampleConfig) -> bytes:
+    rows = "".join(f'<h2>{html.escape(f)}</h2><p><img src="{html.escape(f)}" alt="{html.escape(f)}"></p>\n'
+                   for f in files)
+    metrics = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.6g}</td></tr>"
+                      for k, v in sorted(m.metrics.items()))
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(m.name)} "
+            f"v{html.escape(m.version)}</title></head><body><h1>{html.escape(m.name)} version "
+            f"{html.escape(m.version)}</h1><p>training run: {html.escape(m.train_run_id)}</p>"
+            f"<p>seed {s.seed}, temperatures {s.temperatures}</p><table>{metrics}</table>\n"
+            f"{rows}</body></html>\n").encode()
+
+
+def _held_out(s: SampleConfig, model_config: dict) -> torch.Tensor | None:
+    if not s.data_url:
+        return None
+    from pipeline.data.stream import read_images
+
+    need = max(2 * s.interpolation_pairs, s.grid_rows * s.grid_cols // 2, 2)
+    return read_images(s.data_url, need)
+
+
+def run_sample(job: SampleJob, if_new_version: bool = False) -> str | None:
+    """Write the gallery for the configured model; return its URL (None if nothing to do)."""
+    s = job.sample
+    version, mv = resolve_version(job)
+    base = storage.join(s.output_url, s.model_name, f"v{version}")
+    if if_new_version and any(storage.exists(storage.join(base, h, MARKER))
+                              for h in storage.listdir(base)):
+        print(f"nothing to do: version {version} of {s.model_name!r} already has a gallery under {base}")
+        return None
+    url = storage.join(base, config_hash(s))
+    if storage.exists(storage.join(url, MARKER)):
+        print(f"nothing to do: gallery complete at {url}/index.html")
+        return None
+    m = load_model(job, version, mv)
+    if s.num_samples:
+        from pipeline.sample_large import generate
+
+        generate(m, s, storage.join(url, "samples"))
+    t0 = time.perf_counter()
+    files = make_gallery(m, s, _held_out(s, m.model_config))
+    files["index.html"] = index_html(m, [f for f in files if f.endswith(".png")], s)
+    for name, data in files.items():
+        storage.put_atomic(storage.join(url, name), data)
+    run_id = _log_mlflow(job, m, files, url)
+    marker = {"model": s.model_name, "version": version, "train_run_id": m.train_run_id,
+              "gallery_run_id": run_id, "files": sorted(files), "config": to_dict(s),
+              "seconds": round(time.perf_counter() - t0, 3)}
+    storage.put_atomic(storage.join(url, MARKER), json.dumps(marker, indent=1).encode())
+    print(f"gallery written: {url}/index.html")
+    return url
+
+
+def _log_mlflow(job: SampleJob, m: LoadedModel, files: dict[str, bytes], url: str) -> str:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(job.tracking.mlflow_uri)
+    exp = mlflow.set_experiment(job.tracking.experiment)
+    client = MlflowClient(job.tracking.mlflow_uri)
+    run = client.create_run(exp.experiment_id, run_name=f"gallery-{m.name}-v{m.version}", tags={
+        "model_name": m.name, "model_version": m.version, "train_run_id": m.train_run_id,
+        "gallery_url": url,
+    })
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        client.log_artifacts(run.info.run_id, tmp, artifact_path="gallery")
+    client.set_terminated(run.info.run_id)
+    if not m.version.startswith("ckpt-"):
+        client.set_model_version_tag(m.name, m.version, "gallery_url", url)
+        client.set_model_version_tag(m.name, m.version, "gallery_run_id", run.info.run_id)
+    return run.info.run_id
