@@ -13,28 +13,16 @@ import html
 import json
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline import storage
 from pipeline.config import SampleConfig, SampleJob, to_dict
-from pipeline.errors import PipelineError
 from pipeline.images import grid, png_bytes
-from pipeline.model import VAE, build_model, load_weights
+from pipeline.registry import LoadedModel, ModelRef, load, resolve
 
 MARKER = "_SUCCESS.json"
-
-
-@dataclass
-class LoadedModel:
-    vae: VAE
-    name: str
-    version: str  # registry version, or "ckpt-<sha>" for a checkpoint URL
-    train_run_id: str
-    model_config: dict
-    metrics: dict
 
 
 def config_hash(s: SampleConfig) -> str:
@@ -43,67 +31,6 @@ def config_hash(s: SampleConfig) -> str:
     for k in ("output_url", "model_name", "model_alias", "model_version", "checkpoint_url"):
         d.pop(k)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def resolve_version(job: SampleJob) -> tuple[str, object | None]:
-    """(version, MLflow ModelVersion) the config points at, with one clear error if missing."""
-    s = job.sample
-    if s.checkpoint_url:
-        digest = hashlib.sha256(s.checkpoint_url.encode()).hexdigest()[:10]
-        return f"ckpt-{digest}", None
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.train.tracking import configure_client_timeouts
-
-    configure_client_timeouts()
-    client = MlflowClient(job.tracking.mlflow_uri)
-    try:
-        if s.model_version:
-            mv = client.get_model_version(s.model_name, str(s.model_version))
-        else:
-            mv = client.get_model_version_by_alias(s.model_name, s.model_alias)
-    except MlflowException as e:
-        what = (f"version {s.model_version}" if s.model_version else f"alias {s.model_alias!r}")
-        code = getattr(e, "error_code", "")
-        if code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(e).lower() or "does not exist" in str(e).lower():
-            raise PipelineError(
-                f"model {s.model_name!r} {what} not found in the registry at {job.tracking.mlflow_uri}"
-            ) from None
-        raise PipelineError(f"MLflow at {job.tracking.mlflow_uri}: {str(e).splitlines()[0]}") from None
-    except Exception as e:  # connection refused, timeout
-        raise PipelineError(f"MLflow at {job.tracking.mlflow_uri} unreachable: {type(e).__name__}") from None
-    return str(mv.version), mv
-
-
-def load_model(job: SampleJob, version: str, mv) -> LoadedModel:
-    s = job.sample
-    with tempfile.TemporaryDirectory() as tmp:
-        if mv is None:
-            from pipeline.train import checkpoint
-
-            local = storage.download_dir(s.checkpoint_url, tmp)
-            saved = checkpoint.load(local, with_optimizer=False)
-            cfg = saved["state"]["config"]["model"]
-            weights = saved["ema"] or saved["model"]
-            run_id = saved["state"].get("mlflow_run_id", "")
-            vae = build_model(cfg)
-            vae.load_state_dict(weights)
-            return LoadedModel(vae.eval(), s.model_name, version, run_id, cfg, {})
-        import mlflow
-
-        mlflow.set_tracking_uri(job.tracking.mlflow_uri)
-        local = Path(mlflow.artifacts.download_artifacts(f"models:/{s.model_name}/{version}", dst_path=tmp))
-        meta = json.loads(next(local.rglob("config.json")).read_text())
-        vae = build_model(meta["model"])
-        vae.load_state_dict(load_weights(next(local.rglob("weights.safetensors")).read_bytes()))
-        run_id = mv.run_id or meta.get("train_run_id", "")
-        metrics = {}
-        if run_id:
-            from mlflow.tracking import MlflowClient
-
-            metrics = dict(MlflowClient(job.tracking.mlflow_uri).get_run(run_id).data.metrics)
-        return LoadedModel(vae.eval(), s.model_name, version, run_id, meta["model"], metrics)
 
 
 @torch.no_grad()
@@ -166,7 +93,9 @@ def _held_out(s: SampleConfig, model_config: dict) -> torch.Tensor | None:
 def run_sample(job: SampleJob, if_new_version: bool = False) -> str | None:
     """Write the gallery for the configured model; return its URL (None if nothing to do)."""
     s = job.sample
-    version, mv = resolve_version(job)
+    ref = ModelRef(s.model_name, s.model_alias, s.model_version, s.checkpoint_url,
+                   job.tracking.mlflow_uri)
+    version, mv = resolve(ref)
     base = storage.join(s.output_url, s.model_name, f"v{version}")
     if if_new_version and any(storage.exists(storage.join(base, h, MARKER))
                               for h in storage.listdir(base)):
@@ -176,7 +105,7 @@ def run_sample(job: SampleJob, if_new_version: bool = False) -> str | None:
     if storage.exists(storage.join(url, MARKER)):
         print(f"nothing to do: gallery complete at {url}/index.html")
         return None
-    m = load_model(job, version, mv)
+    m = load(ref, version, mv)
     if s.num_samples:
         from pipeline.sample_large import generate
 

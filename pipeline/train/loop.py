@@ -129,7 +129,7 @@ def train_loop(loop_config: dict) -> None:
         tracker.metrics({"checkpoint_seconds": time.perf_counter() - t0}, step)
         tracker.flush()  # metrics reach MLflow only once their step is checkpointed
 
-    imgs_t0, imgs = time.perf_counter(), 0
+    imgs_t0, imgs, bad_seen = time.perf_counter(), 0, 0
     wait = busy = 0.0
     while epoch < o.epochs and (not o.max_steps or step < o.max_steps):
         t_fetch = time.perf_counter()
@@ -177,7 +177,8 @@ def train_loop(loop_config: dict) -> None:
                 metrics.loss.set(float(out["loss"]))
                 metrics.bits_per_dim.set(float(out["bits_per_dim"]))
                 metrics.data_wait_fraction.set(wait / max(wait + busy, 1e-9))
-                metrics.bad_samples.inc(max(0, stats["bad_samples"] - metrics.bad_samples._value.get()))
+                metrics.bad_samples.inc(max(0, stats["bad_samples"] - bad_seen))
+                bad_seen = max(bad_seen, stats["bad_samples"])
                 if rank == 0:
                     row = {"loss": float(out["loss"]), "neg_elbo_bits_per_dim": float(out["bits_per_dim"]),
                            "rate_bits": float(out["rate_bits"]),
@@ -220,8 +221,14 @@ def _evaluate(vae: VAE, test_stream, o, device, tracker: Tracker, step: int) -> 
                     break
                 batches.append(b["image"].to(device))
             if batches:
-                res = evaluate(vae, batches, k=o.iwae_k, iwae_images=o.iwae_images)
-                ev = {f"eval_{k}": float(v) for k, v in res.items() if _scalar(v)}
+                terms = [elbo_terms(vae, x) for x in batches]
+                for key in ("neg_elbo_bits", "rate_bits", "distortion_bits", "bits_per_dim"):
+                    ev[f"eval_{key}"] = float(sum(t[key] for t in terms) / len(terms))
+                subset = torch.cat(batches)[: o.iwae_images]
+                res = evaluate(vae, [subset], k=o.iwae_k)
+                for key in ("nll_iwae", "gap", "bits_per_dim", "psnr", "active_units"):
+                    if key in res:
+                        ev[f"eval_iwae_{key}" if key == "bits_per_dim" else f"eval_{key}"] = float(res[key])
                 x = batches[0][:8]
                 params, _ = vae(x, sample_posterior=False)
                 pairs = torch.cat([x, vae.likelihood.mean(params).clamp(0, 1)])
@@ -233,10 +240,6 @@ def _evaluate(vae: VAE, test_stream, o, device, tracker: Tracker, step: int) -> 
         return ev
     finally:
         vae.train()
-
-
-def _scalar(v) -> bool:
-    return isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)
 
 
 def config_params(job: TrainJob) -> dict[str, str]:
