@@ -67,11 +67,11 @@ class ModelConfig:
             self.logvar_clamp = list(self.logvar_clamp)
         for name in ("image_size", "in_channels", "latent_dim", "latent_channels"):
             _positive_int(name, getattr(self, name))
-        _int(
-            "blocks_per_stage", self.blocks_per_stage, ok=self.blocks_per_stage >= 0, want=">= 0"
-        )
+        _int("blocks_per_stage", self.blocks_per_stage, ok=self.blocks_per_stage >= 0, want=">= 0")
         if not isinstance(self.channels, list) or not self.channels:
-            raise ConfigError("channels", f"must be a non-empty list of ints, got {self.channels!r}")
+            raise ConfigError(
+                "channels", f"must be a non-empty list of ints, got {self.channels!r}"
+            )
         for width in self.channels:
             _positive_int("channels", width)
         factor = 2 ** len(self.channels)
@@ -88,11 +88,15 @@ class ModelConfig:
             ("learn_sigma", LEARN_SIGMA),
         ):
             if getattr(self, name) not in allowed:
-                raise ConfigError(name, f"must be one of {list(allowed)}, got {getattr(self, name)!r}")
+                raise ConfigError(
+                    name, f"must be one of {list(allowed)}, got {getattr(self, name)!r}"
+                )
         if not _real(self.sigma) or not (math.isfinite(self.sigma) and self.sigma > 0):
             raise ConfigError("sigma", f"must be a finite float > 0, got {self.sigma!r}")
         if not _real(self.min_log_scale) or not math.isfinite(self.min_log_scale):
-            raise ConfigError("min_log_scale", f"must be a finite float, got {self.min_log_scale!r}")
+            raise ConfigError(
+                "min_log_scale", f"must be a finite float, got {self.min_log_scale!r}"
+            )
         if self.learn_sigma != "none" and self.likelihood not in ("gaussian", "laplace"):
             raise ConfigError(
                 "learn_sigma",
