@@ -80,7 +80,7 @@ def train_loop(loop_config: dict) -> None:
     vae = VAE.from_config(job.model)
     opt = torch.optim.AdamW(vae.parameters(), lr=o.lr, weight_decay=o.weight_decay)
     stream = ShardStream(d, rank=rank, world_size=world, batch_size=o.batch_size, split="train")
-    per_epoch = stream.batches_per_epoch
+    per_epoch = len(stream)
     total = o.max_steps or per_epoch * o.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.warmup_steps, total))
     ema = copy.deepcopy(vae).requires_grad_(False) if o.ema_decay > 0 else None
@@ -129,12 +129,16 @@ def train_loop(loop_config: dict) -> None:
         tracker.metrics({"checkpoint_seconds": time.perf_counter() - t0}, step)
         tracker.flush()  # metrics reach MLflow only once their step is checkpointed
 
+    keys_dir = os.environ.get("PIPELINE_RECORD_KEYS_DIR")  # tests: which rank saw which sample
     imgs_t0, imgs, bad_seen = time.perf_counter(), 0, 0
     wait = busy = 0.0
     while epoch < o.epochs and (not o.max_steps or step < o.max_steps):
         t_fetch = time.perf_counter()
         for batch in make_loader(stream):
             x = batch["image"].to(device, non_blocking=True)
+            if keys_dir:
+                with open(Path(keys_dir) / f"rank{rank}.txt", "a") as f:
+                    f.write("".join(f"{epoch} {step + 1} {k}\n" for k in batch["key"]))
             t_ready = time.perf_counter()
             wait += t_ready - t_fetch
             beta = o.kl_weight * kl_warmup(step, o.kl_warmup_steps)
@@ -208,6 +212,21 @@ def train_loop(loop_config: dict) -> None:
 
 
 @torch.no_grad()
+def eval_metrics(vae: VAE, batches: list[torch.Tensor], iwae_k: int, iwae_images: int) -> dict:
+    """Held-out ELBO terms (bits) and IWAE-K bound, PSNR, active units; seeded, so a
+    checkpoint's numbers can be reproduced exactly from the same batches."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    terms = [elbo_terms(vae, x, generator=g) for x in batches]
+    ev = {f"eval_{k}": float(sum(t[k] for t in terms) / len(terms))
+          for k in ("neg_elbo_bits", "rate_bits", "distortion_bits", "bits_per_dim")}
+    res = evaluate(vae, [torch.cat(batches)[:iwae_images]], k=iwae_k, generator=g)
+    for k in ("nll_iwae", "gap", "bits_per_dim", "psnr", "active_units"):
+        if k in res:
+            ev[f"eval_iwae_{k}" if k == "bits_per_dim" else f"eval_{k}"] = float(res[k])
+    return ev
+
+
+@torch.no_grad()
 def _evaluate(vae: VAE, test_stream, o, device, tracker: Tracker, step: int) -> dict:
     """Held-out ELBO, IWAE-K on a subset, PSNR, active units; reconstruction + prior grids."""
     vae.eval()
@@ -221,14 +240,7 @@ def _evaluate(vae: VAE, test_stream, o, device, tracker: Tracker, step: int) -> 
                     break
                 batches.append(b["image"].to(device))
             if batches:
-                terms = [elbo_terms(vae, x) for x in batches]
-                for key in ("neg_elbo_bits", "rate_bits", "distortion_bits", "bits_per_dim"):
-                    ev[f"eval_{key}"] = float(sum(t[key] for t in terms) / len(terms))
-                subset = torch.cat(batches)[: o.iwae_images]
-                res = evaluate(vae, [subset], k=o.iwae_k)
-                for key in ("nll_iwae", "gap", "bits_per_dim", "psnr", "active_units"):
-                    if key in res:
-                        ev[f"eval_iwae_{key}" if key == "bits_per_dim" else f"eval_{key}"] = float(res[key])
+                ev = eval_metrics(vae, batches, o.iwae_k, o.iwae_images)
                 x = batches[0][:8]
                 params, _ = vae(x, sample_posterior=False)
                 pairs = torch.cat([x, vae.likelihood.mean(params).clamp(0, 1)])
