@@ -16,7 +16,7 @@ from pipeline.registry import ModelRef, load
 
 
 def main(args) -> int:
-    from pipeline.data.stream import iter_images
+    from pipeline.data.heldout import iter_images
     from pipeline.model import evaluate
 
     tracking = os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")

@@ -84,10 +84,10 @@ def index_html(m: LoadedModel, files: list[str], s: SampleConfig) -> bytes:
 def _held_out(s: SampleConfig, model_config: dict) -> torch.Tensor | None:
     if not s.data_url:
         return None
-    from pipeline.data.stream import read_images
+    from pipeline.data.heldout import read_images
 
     need = max(2 * s.interpolation_pairs, s.grid_rows * s.grid_cols // 2, 2)
-    return read_images(s.data_url, need)
+    return read_images(s.data_url, need, model_config["image_size"], model_config["in_channels"])
 
 
 def run_sample(job: SampleJob, if_new_version: bool = False) -> str | None:
