@@ -1,0 +1,192 @@
+"""The gallery job against a real MLflow server and SeaweedFS, with a model trained here."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import cli, storage
+from pipeline.config import SampleJob, TrainJob, build
+from pipeline.data.config import IngestConfig
+from pipeline.data.heldout import read_images
+from pipeline.data.ingest import ingest
+from pipeline.model import VAE, elbo_terms
+from pipeline.sample import MARKER, config_hash, run_sample
+from pipeline.train import checkpoint
+
+MODEL = {"image_size": 28, "in_channels": 1, "channels": [8, 16], "latent_dim": 8,
+         "likelihood": "bernoulli"}
+
+
+@pytest.fixture(scope="module")
+def registered(s3, mlflow_server, tmp_path_factory):
+    """Synthetic shards on S3 and a tiny VAE trained for 60 steps, registered as @candidate."""
+    import os
+
+    import mlflow
+    from ray.train import Checkpoint
+
+    from pipeline.train.driver import register_model
+
+    old = {k: os.environ.get(k) for k in s3.env}
+    os.environ.update(s3.env)
+    data = s3.make_bucket("sample-data") + "/synth"
+    ingest(IngestConfig(output_url=data, source="synthetic", synthetic_count=96,
+                        synthetic_size=28, test_fraction=0.5, shard_samples=16), progress=False)
+    job = build(TrainJob, {"data": {"train_url": f"{data}/train"}, "model": MODEL,
+                           "tracking": {"mlflow_uri": mlflow_server.uri,
+                                        "registered_model": "gallery-vae", "alias": "candidate"}})
+    torch.manual_seed(0)
+    vae = VAE.from_config(job.model)
+    opt = torch.optim.Adam(vae.parameters(), 3e-3)
+    x = read_images(f"{data}/train", 48, 28, 1)
+    for _ in range(60):
+        opt.zero_grad()
+        elbo_terms(vae, x)["loss"].backward()
+        opt.step()
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    mlflow.set_experiment("gallery-train")
+    with mlflow.start_run() as run:
+        mlflow.log_metric("loss", 1.0)
+    ckdir = tmp_path_factory.mktemp("ckpt")
+    checkpoint.save(ckdir, model=vae, state={"step": 60, "epoch": 0, "mlflow_run_id": run.info.run_id,
+                                             "config": {"model": MODEL}})
+    version, _ = register_model(job, run.info.run_id, Checkpoint.from_directory(str(ckdir)))
+    yield {"data": data, "version": version, "run_id": run.info.run_id, "ckpt": str(ckdir)}
+    for k, v in old.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def sample_job(mlflow_server, output_url, data_url, **over) -> SampleJob:
+    s = {"output_url": output_url, "model_name": "gallery-vae", "model_alias": "candidate",
+         "data_url": data_url, "temperatures": [0.5, 1.0], "seed": 3, **over}
+    return build(SampleJob, {"sample": s, "tracking": {"mlflow_uri": mlflow_server.uri,
+                                                        "experiment": "galleries"}})
+
+
+def objects(url: str) -> dict[str, bytes]:
+    fs, root = storage.get_fs(url)
+    return {p[len(root):]: fs.cat_file(p) for p in fs.find(root)} if fs.exists(root) else {}
+
+
+def gallery_runs(mlflow_server) -> int:
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(mlflow_server.uri)
+    exp = c.get_experiment_by_name("galleries")
+    return len(c.search_runs([exp.experiment_id])) if exp else 0
+
+
+def test_gallery_dimensions_links_and_idempotence(registered, s3_env, mlflow_server):
+    out = s3_env.make_bucket("galleries") + "/g"
+    job = sample_job(mlflow_server, out, f"{registered['data']}/test")
+    url = run_sample(job)
+    assert url == f"{out}/gallery-vae/v{registered['version']}/{config_hash(job.sample)}"
+    files = objects(url)
+    pad = lambda n: n * 30 + 2  # noqa: E731  (28-px tiles, 2-px padding)
+    expected = {"prior_t0.5.png": (pad(8), pad(8)), "prior_t1.png": (pad(8), pad(8)),
+                "reconstructions.png": (pad(8), pad(8)), "interpolations.png": (pad(8), pad(10)),
+                "traversals.png": (pad(8), pad(9))}
+    for name, (h, w) in expected.items():
+        img = Image.open(io.BytesIO(files["/" + name]))
+        assert (img.height, img.width) == (h, w), name
+    html = files["/index.html"].decode()
+    assert sorted(re.findall(r'<img src="([^"]+)"', html)) == sorted(expected)
+    assert f"version {registered['version']}" in html and registered["run_id"] in html
+    marker = json.loads(files["/" + MARKER])
+    assert marker["train_run_id"] == registered["run_id"]
+    assert sorted(marker["files"]) == sorted([*expected, "index.html"])
+
+    # The re-run is a no-op: no new objects, no new MLflow run.
+    before, runs = objects(out), gallery_runs(mlflow_server)
+    assert runs == 1
+    assert run_sample(job) is None
+    assert objects(out) == before and gallery_runs(mlflow_server) == runs
+
+    # --if-new-version: the alias's version has a gallery, so even a new config does nothing.
+    other = sample_job(mlflow_server, out, f"{registered['data']}/test", seed=4)
+    assert run_sample(other, if_new_version=True) is None
+    assert objects(out) == before
+
+    # The model version links to the gallery and its run.
+    from mlflow.tracking import MlflowClient
+
+    mv = MlflowClient(mlflow_server.uri).get_model_version("gallery-vae", registered["version"])
+    assert mv.tags["gallery_url"] == url
+
+
+def test_same_seed_byte_identical(registered, s3_env, mlflow_server):
+    bucket = s3_env.make_bucket("galleries-seed")
+    urls = [run_sample(sample_job(mlflow_server, f"{bucket}/{d}", f"{registered['data']}/test"))
+            for d in ("a", "b")]
+    a, b = objects(urls[0]), objects(urls[1])
+    pngs = [k for k in a if k.endswith(".png")]
+    assert len(pngs) == 5 and all(a[k] == b[k] for k in pngs)
+
+
+def test_from_checkpoint_url(registered, tmp_path, mlflow_server):
+    job = sample_job(mlflow_server, str(tmp_path / "out"), "", checkpoint_url=registered["ckpt"])
+    url = run_sample(job)
+    assert sorted(p.name for p in Path(url).iterdir()) == [
+        MARKER, "index.html", "prior_t0.5.png", "prior_t1.png"]
+
+
+def test_large_n_writes_exactly_n(registered, s3_env, mlflow_server, ray_cluster, monkeypatch):
+    import ray
+
+    for k, v in ray_cluster.env.items():
+        monkeypatch.setenv(k, v)
+    ray.init(address=ray_cluster.address)
+    try:
+        out = s3_env.make_bucket("galleries-large") + "/g"
+        job = sample_job(mlflow_server, out, "", num_samples=300, samples_per_shard=128,
+                         batch_size=64)
+        url = run_sample(job)
+    finally:
+        ray.shutdown()
+    files = objects(f"{url}/samples")
+    manifest = json.loads(files["/manifest.json"])
+    assert manifest["count"] == 300 and [s["samples"] for s in manifest["shards"]] == [128, 128, 44]
+    keys = []
+    for s in manifest["shards"]:
+        tar = tarfile.open(fileobj=io.BytesIO(files["/" + s["name"]]))
+        keys += [m.name for m in tar.getmembers()]
+    assert keys == [f"sample-{i:08d}.png" for i in range(300)]
+
+
+@pytest.mark.parametrize("case", ["missing_model", "missing_alias", "mlflow_down", "no_bucket"])
+def test_clear_errors(case, registered, s3_env, mlflow_server, tmp_path, capsys):
+    s = {"output_url": str(tmp_path / "out"), "model_name": "gallery-vae",
+         "model_alias": "candidate"}
+    uri = mlflow_server.uri
+    if case == "missing_model":
+        s["model_name"] = "no-such-model"
+    elif case == "missing_alias":
+        s["model_alias"] = "production"
+    elif case == "mlflow_down":
+        from pipeline.services import free_port
+
+        uri = f"http://127.0.0.1:{free_port()}"
+    else:
+        s["output_url"] = "s3://no-such-bucket-here/g"
+    path = tmp_path / "sample.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump({"kind": "sample", "entrypoint": "python -m pipeline sample x",
+                                    "config": {"sample": s, "tracking": {"mlflow_uri": uri}}}))
+    assert cli.main(["sample", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    want = {"missing_model": "model 'no-such-model' alias 'candidate' not found",
+            "missing_alias": "model 'gallery-vae' alias 'production' not found",
+            "mlflow_down": f"MLflow at {uri} unreachable",
+            "no_bucket": "s3://no-such-bucket-here"}[case]
+    assert want in err[0]
+    assert not (tmp_path / "out").exists()
