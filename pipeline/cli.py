@@ -7,6 +7,7 @@ Heavy imports (torch, ray, mlflow) happen inside the subcommands so ``--help`` a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Callable
@@ -68,7 +69,10 @@ def cmd_train(args) -> int:
     _stack_env()
     from pipeline.train.driver import run_training
 
-    run_training(job.config, address=args.address)
+    config = dataclasses.replace(job.config, tracking=job.config.tracking.resolved())
+    if args.name:
+        config = dataclasses.replace(config, scaling=dataclasses.replace(config.scaling, name=args.name))
+    run_training(config, address=args.address, env_vars=job.runtime_env.get("env_vars") or {})
     return 0
 
 
@@ -84,7 +88,8 @@ def cmd_sample(args) -> int:
     _stack_env()
     from pipeline.sample import run_sample
 
-    run_sample(job.config, if_new_version=args.if_new_version)
+    config = dataclasses.replace(job.config, tracking=job.config.tracking.resolved())
+    run_sample(config, if_new_version=args.if_new_version)
     return 0
 
 
@@ -143,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("train", cmd_train, "train on Ray Train (starts or attaches to a Ray cluster)")
     sp.add_argument("file", metavar="FILE", help="a train job yaml, e.g. jobs/train.yaml")
     sp.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local cluster)")
+    sp.add_argument("--name", default=None,
+                    help="override scaling.name (a new name starts a new run; the same name resumes)")
 
     sp = add("evaluate", cmd_evaluate, "ELBO, IWAE-K, bits/dim, PSNR of a checkpoint or registered model")
     sp.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint URL")

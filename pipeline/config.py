@@ -9,6 +9,7 @@ the dotted key and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -225,18 +226,25 @@ class OptimConfig:
 class TrackingConfig:
     """MLflow and Prometheus. Credentials never live here: they come from the environment."""
 
-    mlflow_uri: str = "sqlite:///.data/mlflow.db"
+    mlflow_uri: str = ""  # "": MLFLOW_TRACKING_URI from the environment (the stack sets it)
     experiment: str = "vae"
     registered_model: str = "vae"
     alias: str = "candidate"
     metrics_port: int = 0  # 0: pick a free port per worker; -1: no Prometheus endpoint
+    metrics_host: str = "127.0.0.1"  # on a cluster: 0.0.0.0 with a fixed metrics_port
     metrics_sd_dir: str = ".stack/prometheus/targets"  # file_sd targets for the stack's Prometheus
 
     def __post_init__(self):
-        if not self.mlflow_uri:
-            raise ConfigError("mlflow_uri", "must be a tracking URI, e.g. http://127.0.0.1:5000")
         if not -1 <= self.metrics_port <= 65535:
             raise ConfigError("metrics_port", f"must be a port, 0 or -1, got {self.metrics_port}")
+
+    def resolved(self) -> TrackingConfig:
+        """This config with ``mlflow_uri`` filled from ``MLFLOW_TRACKING_URI`` if empty."""
+        uri = self.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+        if not uri:
+            raise ConfigError("tracking.mlflow_uri", "empty and MLFLOW_TRACKING_URI is not set "
+                              "(run `make up`, or set it to your tracking server)")
+        return dataclasses.replace(self, mlflow_uri=uri)
 
 
 @dataclass

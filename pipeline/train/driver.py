@@ -76,7 +76,8 @@ def _mlflow_run(job: TrainJob) -> str:
     return run.info.run_id
 
 
-def run_training(job: TrainJob, address: str | None = None, register: bool = True) -> TrainResult:
+def run_training(job: TrainJob, address: str | None = None, register: bool = True,
+                 env_vars: dict[str, str] | None = None) -> TrainResult:
     """Train ``job`` on Ray Train; register the final model in MLflow."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -86,7 +87,10 @@ def run_training(job: TrainJob, address: str | None = None, register: bool = Tru
 
     run_id = _mlflow_run(job)
     if not ray.is_initialized():
-        ray.init(address=ray_address(address), log_to_driver=True)
+        # The job yaml's env_vars reach the workers the same way under `pipeline submit`,
+        # `ray job submit` and a KubeRay RayJob.
+        ray.init(address=ray_address(address), log_to_driver=True,
+                 runtime_env={"env_vars": env_vars} if env_vars else None)
     s = job.scaling
     trainer = TorchTrainer(
         train_loop,

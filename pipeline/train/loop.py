@@ -107,8 +107,10 @@ def train_loop(loop_config: dict) -> None:
     model = ray.train.torch.prepare_model(Objective(vae))
     device = next(vae.parameters()).device
     tracker = Tracker(job.tracking.mlflow_uri, run_id) if rank == 0 else None
-    metrics = WorkerMetrics(job.scaling.name, rank, job.tracking.metrics_port,
-                            job.tracking.metrics_sd_dir)
+    port = job.tracking.metrics_port
+    port = port + ctx.get_local_rank() if port > 0 else port  # one port per worker on a node
+    metrics = WorkerMetrics(job.scaling.name, rank, port, job.tracking.metrics_sd_dir,
+                            job.tracking.metrics_host)
     test_stream = None
     if rank == 0 and d.test_url:
         test_stream = ShardStream(d, rank=0, world_size=1, batch_size=o.batch_size, split="test")
