@@ -81,6 +81,8 @@ def resolve(ref: ModelRef):
             mv = client.get_model_version_by_alias(ref.name, ref.alias)
     except MlflowException as e:
         text = str(e).lower()
+        if "max retries exceeded" in text or "connection" in text or "timed out" in text:
+            raise PipelineError(f"MLflow at {ref.tracking_uri} unreachable (connection failed)") from None
         if getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST" or "not found" in text \
                 or "does not exist" in text or "not exist" in text:
             raise PipelineError(

@@ -138,19 +138,14 @@ def test_from_checkpoint_url(registered, tmp_path, mlflow_server):
         MARKER, "index.html", "prior_t0.5.png", "prior_t1.png"]
 
 
-def test_large_n_writes_exactly_n(registered, s3_env, mlflow_server, ray_cluster, monkeypatch):
+def test_large_n_writes_exactly_n(registered, s3_env, mlflow_server, ray_env):
     import ray
 
-    for k, v in ray_cluster.env.items():
-        monkeypatch.setenv(k, v)
-    ray.init(address=ray_cluster.address)
-    try:
-        out = s3_env.make_bucket("galleries-large") + "/g"
-        job = sample_job(mlflow_server, out, "", num_samples=300, samples_per_shard=128,
-                         batch_size=64)
-        url = run_sample(job)
-    finally:
-        ray.shutdown()
+    ray.init(address=ray_env.address)
+    out = s3_env.make_bucket("galleries-large") + "/g"
+    job = sample_job(mlflow_server, out, "", num_samples=300, samples_per_shard=128,
+                     batch_size=64)
+    url = run_sample(job)
     files = objects(f"{url}/samples")
     manifest = json.loads(files["/manifest.json"])
     assert manifest["count"] == 300 and [s["samples"] for s in manifest["shards"]] == [128, 128, 44]
@@ -161,8 +156,8 @@ def test_large_n_writes_exactly_n(registered, s3_env, mlflow_server, ray_cluster
     assert keys == [f"sample-{i:08d}.png" for i in range(300)]
 
 
-@pytest.mark.parametrize("case", ["missing_model", "missing_alias", "mlflow_down", "no_bucket"])
-def test_clear_errors(case, registered, s3_env, mlflow_server, tmp_path, capsys):
+@pytest.mark.parametrize("case", ["missing_model", "missing_alias", "mlflow_down", "s3_down"])
+def test_clear_errors(case, registered, s3_env, mlflow_server, tmp_path, capsys, monkeypatch):
     s = {"output_url": str(tmp_path / "out"), "model_name": "gallery-vae",
          "model_alias": "candidate"}
     uri = mlflow_server.uri
@@ -175,7 +170,11 @@ def test_clear_errors(case, registered, s3_env, mlflow_server, tmp_path, capsys)
 
         uri = f"http://127.0.0.1:{free_port()}"
     else:
-        s["output_url"] = "s3://no-such-bucket-here/g"
+        from pipeline.services import free_port
+
+        dead = f"http://127.0.0.1:{free_port()}"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+        s["output_url"] = "s3://galleries-down/g"
     path = tmp_path / "sample.yaml"
     import yaml
 
@@ -187,6 +186,8 @@ def test_clear_errors(case, registered, s3_env, mlflow_server, tmp_path, capsys)
     want = {"missing_model": "model 'no-such-model' alias 'candidate' not found",
             "missing_alias": "model 'gallery-vae' alias 'production' not found",
             "mlflow_down": f"MLflow at {uri} unreachable",
-            "no_bucket": "s3://no-such-bucket-here"}[case]
+            "s3_down": "s3://galleries-down/g"}[case]
     assert want in err[0]
+    if case == "s3_down":
+        assert dead in err[0]
     assert not (tmp_path / "out").exists()

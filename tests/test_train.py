@@ -47,7 +47,7 @@ def fmnist_url(s3):
     return url
 
 
-def make_job(fmnist_url, mlflow_server, storage, name, workers, **optim) -> TrainJob:
+def make_job(fmnist_url, mlflow_server, storage, name, workers, sd_dir="", **optim) -> TrainJob:
     o = dict(epochs=2, batch_size=BATCH, lr=3e-3, warmup_steps=4, checkpoint_every=8,
              log_every=4, eval_batches=2, iwae_k=8, iwae_images=16)
     o.update(optim)
@@ -60,30 +60,22 @@ def make_job(fmnist_url, mlflow_server, storage, name, workers, **optim) -> Trai
         "scaling": {"num_workers": workers, "storage_path": storage, "name": name,
                     "max_failures": 2, "num_to_keep": 2},
         "tracking": {"mlflow_uri": mlflow_server.uri, "experiment": f"test-{name}",
-                     "registered_model": f"test-{name}", "metrics_sd_dir": str(storage_dir_sd(name))},
+                     "registered_model": f"test-{name}", "metrics_sd_dir": sd_dir},
     })
 
 
-def storage_dir_sd(name: str) -> Path:
-    return Path("/tmp") / f"pipeline-test-sd-{name}"
-
-
 @pytest.fixture
-def ray_session(ray_cluster, s3_env, tmp_path, monkeypatch):
+def ray_session(ray_env, s3_env, tmp_path):
     """ray.init against the session cluster, with per-test worker env vars."""
     import ray
 
-    for k, v in ray_cluster.env.items():
-        monkeypatch.setenv(k, v)
-
     def init(**env_vars):
         env_vars = {"PIPELINE_RECORD_KEYS_DIR": str(tmp_path), **env_vars}
-        ray.init(address=ray_cluster.address, runtime_env={"env_vars": env_vars},
+        ray.init(address=ray_env.address, runtime_env={"env_vars": env_vars},
                  log_to_driver=True)
         return tmp_path
 
-    yield init
-    ray.shutdown()
+    return init
 
 
 def read_keys(keys_dir: Path) -> dict[int, list[tuple[int, int, str]]]:
@@ -145,13 +137,11 @@ def test_two_workers_disjoint_samples_and_prometheus(fmnist_url, mlflow_server, 
                                                      s3, prometheus):
     keys_dir = ray_session()
     name = "two"
-    sd = storage_dir_sd(name)
-    prom = prometheus(sd)
     job = make_job(fmnist_url, mlflow_server, s3.make_bucket("ckpt-two") + "/ray", name, 2,
-                   epochs=3)
+                   sd_dir=str(prometheus.targets_dir), epochs=3)
     found, stop = {}, threading.Event()
     poller = threading.Thread(target=_poll_prometheus, args=(
-        prom.url, f'vae_train_images_per_second{{run="{name}"}}', found, stop), daemon=True)
+        prometheus.url, f'vae_train_images_per_second{{run="{name}"}}', found, stop), daemon=True)
     poller.start()
     try:
         res = run_training(job)

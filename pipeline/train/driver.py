@@ -171,11 +171,6 @@ def register_model(job: TrainJob, run_id: str, ckpt) -> tuple[str, str]:
                 pip_requirements=["torch", "safetensors", "numpy", "mlflow"],
             )
     client = MlflowClient(t.mlflow_uri)
-    try:
-        client.create_registered_model(t.registered_model)
-    except Exception:
-        pass  # already exists
-    mv = client.create_model_version(t.registered_model, info.model_uri, run_id=run_id,
-                                     tags={"train_run_id": run_id})
+    mv = mlflow.register_model(info.model_uri, t.registered_model, tags={"train_run_id": run_id})
     client.set_registered_model_alias(t.registered_model, t.alias, mv.version)
     return str(mv.version), f"models:/{t.registered_model}@{t.alias}"
