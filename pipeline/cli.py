@@ -106,16 +106,17 @@ def cmd_stack(args) -> int:
 
     state = os.environ.get("PIPELINE_STACK_DIR", ".stack")
     if args.action == "up":
-        stack.up(state)
-    elif args.action == "down":
-        stack.down(state)
-    else:
-        rows = stack.status(state)
-        width = max(len(r[0]) for r in rows) if rows else 0
-        for name, url, healthy in rows:
-            print(f"{name:<{width}}  {'healthy' if healthy else 'DOWN':<8} {url}")
-        return 0 if rows and all(r[2] for r in rows) else 1
-    return 0
+        for name, url, what in stack.up(state):
+            print(f"{name:<11} {url:<24} {what}")
+        print(f"client settings: {state}/env (credentials: {state}/credentials.env, mode 0600)")
+        return 0
+    if args.action == "down":
+        for name, pids in stack.down(state):
+            print(f"{name:<11} stopped {len(pids)} process(es)" + (f": {pids}" if pids else ""))
+        return 0
+    rows = stack.status(state)
+    print(stack.format_status(rows))
+    return 0 if rows and all(r[2] for r in rows) else 1
 
 
 def cmd_bench(args) -> int:

@@ -63,6 +63,7 @@ def _fault_hooks(step: int, rank: int, loss: torch.Tensor) -> torch.Tensor:
     if kill == str(step) and rank == int(os.environ.get("PIPELINE_FAULT_KILL_RANK", "1")):
         if marker and not Path(marker).exists():
             Path(marker).write_text(str(os.getpid()))
+            time.sleep(float(os.environ.get("PIPELINE_FAULT_KILL_DELAY", "3")))  # mid-step work
             os.kill(os.getpid(), signal.SIGKILL)
     return loss
 

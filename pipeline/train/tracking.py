@@ -28,7 +28,7 @@ def configure_client_timeouts(timeout: int = 10, retries: int = 1) -> None:
 class Tracker:
     """Buffered metric and image logging into one existing MLflow run."""
 
-    def __init__(self, uri: str, run_id: str):
+    def __init__(self, uri: str, run_id: str, probe: str = "loss"):
         from mlflow.tracking import MlflowClient
 
         configure_client_timeouts()
@@ -38,10 +38,21 @@ class Tracker:
         self._images: list[tuple[Any, str, int]] = []
         self._warned = False
         self.dropped = 0
+        # After a failure Ray may resume from a checkpoint older than the last flush (the
+        # controller registers checkpoints asynchronously): steps MLflow already has are not
+        # logged again, so the step axis never repeats.
+        self.logged_through = -1
+        try:
+            history = self.client.get_metric_history(run_id, probe)
+            self.logged_through = max((m.step for m in history), default=-1)
+        except Exception:
+            pass  # MLflow down: the checkpoint's own flush point is the best we know
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
+        if step <= self.logged_through:
+            return
         now = int(time.time() * 1000)
         self._metrics += [Metric(k, float(v), now, step) for k, v in values.items()]
         if len(self._metrics) > MAX_BUFFER:  # keep the newest; say how many were lost
@@ -49,7 +60,8 @@ class Tracker:
             self._metrics = self._metrics[-MAX_BUFFER:]
 
     def image(self, array, key: str, step: int) -> None:
-        self._images.append((array, key, step))
+        if step > self.logged_through:
+            self._images.append((array, key, step))
 
     def flush(self) -> bool:
         """Send everything buffered. Returns False (and keeps the buffer) if MLflow is down."""

@@ -1,0 +1,179 @@
+"""Session fixtures that run REAL services on 127.0.0.1 (no mocks), started lazily: a test
+that does not ask for Ray never starts Ray. Every fixture stops exactly the processes it
+started (pipeline.services.Service.stop), also when the session is interrupted.
+
+    s3              SeaweedFS: .endpoint_url .access_key .secret_key .env .make_bucket(name)
+    s3_env          (function) os.environ patched with s3.env; returns s3
+    mlflow_server   MLflow, artifacts proxied to s3://mlflow-test/artifacts: .uri
+    ray_cluster     Ray head, token auth, s3.env in its env, 4 CPUs: .address .dashboard_url
+                    .env (client env, also put in os.environ while it runs) .headers (HTTP
+                    auth) .job_client(); ray.init(address=ray_cluster.address) just works
+    ray_env         (function) ray_cluster, shutting down a driver the test left connected
+    prometheus      Prometheus scraping {.targets_dir}/*.json every 1s: .url .query(expr)
+    prometheus_bin  path of the prometheus binary, or skip
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pipeline import services  # noqa: E402
+
+_started: list[services.Service] = []
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long end-to-end tests (CI runs them)")
+    # SIGTERM (e.g. `timeout`, CI cancel) would end pytest without teardown; as an interrupt,
+    # pytest still runs the finalizers that stop the services
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _stop_all() -> None:
+    while _started:
+        svc = _started.pop()
+        try:
+            svc.stop()
+        except services.ServiceError as e:  # keep stopping the others
+            print(f"conftest: {e}", file=sys.stderr)
+
+
+atexit.register(_stop_all)  # backstop if a finalizer never ran
+
+
+def _run(svc: services.Service):
+    """Start ``svc``, yield it, stop it: the body of every service fixture."""
+    _started.append(svc)
+    try:
+        svc.start()
+        yield svc
+    finally:
+        if svc in _started:
+            _started.remove(svc)
+        svc.stop()
+
+
+@pytest.fixture(scope="session")
+def services_dir():
+    """One short state dir for the session's services (Ray's unix socket paths are short)."""
+    path = Path(tempfile.mkdtemp(prefix="pl-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3(services_dir):
+    import secrets
+
+    yield from _run(services.SeaweedFS(
+        services_dir, access_key="TEST" + secrets.token_hex(8).upper(),
+        secret_key=secrets.token_hex(20),
+    ))  # fmt: skip
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    return s3
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3, services_dir):
+    bucket = s3.make_bucket("mlflow-test")
+    yield from _run(services.MlflowServer(services_dir, None, f"{bucket}/artifacts", s3))
+
+
+class RayCluster:
+    """Handle on the session's Ray head, for clients."""
+
+    def __init__(self, head: services.RayHead):
+        self.head = head
+        self.address = head.address
+        self.dashboard_url = head.dashboard_url
+        self.env = head.client_env
+        self.token_path = head.token_path
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self.head.headers
+
+    def job_client(self):
+        """JobSubmissionClient authenticated by header (no env needed)."""
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.dashboard_url, headers=self.headers)
+
+
+def _refresh_ray_auth() -> None:
+    """Ray reads RAY_AUTH_MODE and the token once per process; make it re-read os.environ."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3, services_dir):
+    """While the session's Ray head runs, os.environ carries its client env (``.env``), so
+    ``ray.init(address=ray_cluster.address)`` and subprocesses just work."""
+    import ray
+    import ray._private.ray_constants as ray_constants
+
+    head = services.RayHead(services_dir, num_cpus=4, env=s3.env,
+                            object_store_memory=512 * 2**20)  # fmt: skip
+    env = pytest.MonkeyPatch()
+    for h in _run(head):
+        for key, value in h.client_env.items():
+            env.setenv(key, value)
+        for key in ("RAY_AUTH_TOKEN", "RAY_ADDRESS"):
+            env.delenv(key, raising=False)
+        # read at `import ray`: without it ray.init rewrites 127.0.0.1 to the host's IP
+        env.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+        _refresh_ray_auth()
+        try:
+            yield RayCluster(h)
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+            env.undo()
+            _refresh_ray_auth()
+
+
+@pytest.fixture
+def ray_env(ray_cluster):
+    """ray_cluster, and a driver left connected by the test is shut down afterwards."""
+    import ray
+
+    yield ray_cluster
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prometheus_bin():
+    try:
+        return services.prometheus_bin()
+    except services.ServiceError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def prometheus(prometheus_bin, services_dir):
+    yield from _run(services.Prometheus(services_dir, scrape_interval="1s"))
