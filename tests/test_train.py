@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline import storage
 from pipeline.config import TrainJob, build, to_dict
 from pipeline.data.config import IngestConfig
 from pipeline.data.ingest import ingest
@@ -106,7 +107,7 @@ def test_one_worker_trains_registers_and_reproduces_eval(fmnist_url, mlflow_serv
     assert loss[-1][1] < 0.8 * loss[0][1], loss  # the loss went down
 
     # The checkpoint loads into a plain VAE (no "module." prefix) and reproduces the eval.
-    saved = checkpoint.load(res.checkpoint_path)
+    saved = checkpoint.load(res.checkpoint_url)
     assert not any(k.startswith("module.") for k in saved["model"])
     vae = build_model(saved["state"]["config"]["model"])
     vae.load_state_dict(saved["model"], strict=True)
@@ -201,7 +202,8 @@ def test_worker_killed_mid_epoch_resumes_one_run(fmnist_url, mlflow_server, ray_
         seen = [k for r in (0, 1) for (ee, _), ks in _steps(keys[r]).items() if ee == e
                 for k in ks[:BATCH]]
         assert len(seen) == len(set(seen)) == N_TRAIN
-    saved = checkpoint.load(res.checkpoint_path)
+    saved = checkpoint.load(storage.download_dir(res.checkpoint_url, str(tmp_path / "ck")))
+    assert res.checkpoint_url.startswith("s3://ckpt-kill/ray/kill/checkpoint_")
     assert to_dict(job)["model"] == saved["state"]["config"]["model"]
     assert torch.isfinite(torch.cat([v.flatten().float() for v in saved["model"].values()])).all()
 

@@ -22,7 +22,7 @@ STORE_TAG = "pipeline.storage_path"
 @dataclass
 class TrainResult:
     run_id: str
-    checkpoint_path: str
+    checkpoint_url: str  # a local path or a URL with its scheme (s3://...)
     metrics: dict
     model_version: str | None
     model_uri: str | None
@@ -119,9 +119,12 @@ def run_training(job: TrainJob, address: str | None = None, register: bool = Tru
     if register:
         version, uri = register_model(job, run_id, result.checkpoint)
     client.set_terminated(run_id, status="FINISHED")
-    print(f"MLflow run {run_id} | checkpoint {result.checkpoint.path}"
+    ckpt_url = result.checkpoint.path
+    if "://" in s.storage_path and "://" not in ckpt_url:
+        ckpt_url = f"{s.storage_path.split('://')[0]}://{ckpt_url}"
+    print(f"MLflow run {run_id} | checkpoint {ckpt_url}"
           + (f" | model {uri} (version {version}, alias {job.tracking.alias})" if uri else ""), flush=True)
-    return TrainResult(run_id, result.checkpoint.path, dict(result.metrics or {}), version, uri)
+    return TrainResult(run_id, ckpt_url, dict(result.metrics or {}), version, uri)
 
 
 def _root_cause(e: BaseException) -> str:
