@@ -12,7 +12,8 @@ from pipeline.errors import ConfigError
 class IngestConfig:
     """Turn an image dataset into WebDataset tar shards plus ``manifest.json`` per split.
 
-    Output layout: ``{output_url}/{split}/shard-000000.tar`` and ``{output_url}/{split}/manifest.json``.
+    Output layout: ``{output_url}/{split}/shard-000000.tar`` ... and
+    ``{output_url}/{split}/manifest.json`` (see :mod:`pipeline.data.manifest`).
     """
 
     output_url: str
@@ -31,11 +32,13 @@ class IngestConfig:
     synthetic_mode: Literal["L", "RGB"] = "L"
     seed: int = 0
     workers: int = 2
+    shuffle: bool = True  # shuffle sample order (by seed) before sharding, so shards mix classes
     storage_options: dict = field(default_factory=dict)  # non-secret fsspec options only
 
     def __post_init__(self):
         if not self.output_url:
-            raise ConfigError("output_url", "must be a local path or fsspec URL, e.g. s3://bucket/prefix")
+            raise ConfigError("output_url",
+                              "must be a local path or fsspec URL, e.g. s3://bucket/prefix")
         for name in ("shard_bytes", "synthetic_count", "synthetic_size", "workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
@@ -63,6 +66,8 @@ class StreamConfig:
     seed: int = 0
     num_workers: int = 2  # DataLoader workers per rank
     remainder: Literal["drop", "pad"] = "drop"
+    normalize: Literal["unit", "symmetric", "standard"] = "unit"  # [0,1]; [-1,1]; manifest mean/std
+    max_pixels: int = 2**26  # larger images are skipped as decompression bombs
     max_bad_samples: int = 100  # error budget per rank per epoch
     retries: int = 5  # per shard read on transient storage errors
     retry_backoff: float = 0.5  # seconds, doubled per retry
@@ -71,10 +76,14 @@ class StreamConfig:
     def __post_init__(self):
         if not self.train_url:
             raise ConfigError("train_url", "must be a shard folder URL holding manifest.json")
-        for name in ("image_size", "channels", "shuffle_buffer", "num_workers", "max_bad_samples", "retries"):
+        for name in ("image_size", "channels", "shuffle_buffer", "num_workers", "max_bad_samples",
+                     "retries"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.channels not in (0, 1, 3):
-            raise ConfigError("channels", f"must be 1 or 3 (0: from the manifest), got {self.channels}")
+            raise ConfigError("channels",
+                              f"must be 1 or 3 (0: from the manifest), got {self.channels}")
         if self.retry_backoff < 0:
             raise ConfigError("retry_backoff", f"must be >= 0, got {self.retry_backoff}")
+        if self.max_pixels < 1:
+            raise ConfigError("max_pixels", f"must be >= 1, got {self.max_pixels}")

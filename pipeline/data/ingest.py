@@ -1,0 +1,252 @@
+"""Ingest: an image source -> WebDataset tar shards + ``manifest.json`` per split.
+
+Layout: ``{output_url}/{split}/shard-000000.tar`` ... and ``{output_url}/{split}/manifest.json``.
+Samples are encoded in parallel worker processes (``config.workers``); the main process
+packs them in order into shards, cut by ``shard_samples`` or by ``shard_bytes``, and
+publishes each shard atomically (temp key, then move). The manifest is written last, so a
+split is visible to readers only once complete. Re-running with a matching manifest skips
+the split; a manifest from a different config is replaced (and stale shards removed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import tarfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline import storage
+from pipeline.data import WORKER_PRELOAD
+from pipeline.data.config import IngestConfig
+from pipeline.data.manifest import MANIFEST, Manifest, ShardInfo, try_read_manifest, write_manifest
+from pipeline.data.sources import open_source
+
+log = logging.getLogger(__name__)
+
+SHARD_NAME = "shard-{:06d}.tar"
+_TAR_END = 1024  # two zero blocks close a tar
+_RECORD = tarfile.RECORDSIZE  # a tar file is padded to whole 10 KiB records
+
+
+@dataclass
+class Encoded:
+    key: str
+    label: int
+    data: bytes
+    width: int
+    height: int
+    mode: str
+    pixel_sum: list[float]  # per channel, pixels scaled to [0, 1]
+    pixel_sumsq: list[float]
+
+
+def prepare(image: Image.Image, size: int, mode: str) -> Image.Image:
+    """Convert mode (``""`` keeps L/RGB) and, if ``size``, resize the short side + center crop."""
+    target = mode or ("L" if image.mode in ("L", "LA", "1", "I;16", "I", "F") else "RGB")
+    if image.mode != target:
+        image = image.convert(target)
+    if size and image.size != (size, size):
+        w, h = image.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        image = image.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    return image
+
+
+def encode(image: Image.Image, encoding: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    if encoding == "png":
+        image.save(buf, format="PNG", compress_level=6)
+    else:
+        image.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+_WORKER: tuple = ()  # (source, config), set in each worker process by _init
+
+
+def _init(source, config: IngestConfig, environ: dict | None = None) -> None:
+    global _WORKER
+    if environ is not None:
+        storage.inherit_environ(environ)
+    _WORKER = (source, config)
+
+
+def _encode_one(job: tuple[str, int, str]) -> Encoded:
+    split, i, key = job
+    source, config = _WORKER
+    image, label = source.load(split, i)
+    image = prepare(image, config.image_size, config.mode)
+    pixels = np.asarray(image, dtype=np.float64).reshape(image.size[1], image.size[0], -1) / 255
+    return Encoded(key, label, encode(image, config.encoding, config.jpeg_quality),
+                   image.size[0], image.size[1], image.mode,
+                   pixels.sum(axis=(0, 1)).tolist(), np.square(pixels).sum(axis=(0, 1)).tolist())
+
+
+def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)  # fixed metadata: identical input -> identical shard bytes
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _member_bytes(n: int) -> int:
+    return 512 + (n + 511) // 512 * 512  # header + data padded to 512-byte blocks
+
+
+class _ShardWriter:
+    """Packs encoded samples into in-memory tars and publishes them in a background thread."""
+
+    def __init__(self, split_url: str, config: IngestConfig):
+        self.url, self.config = split_url, config
+        self.ext = "png" if config.encoding == "png" else "jpg"
+        self.pool = ThreadPoolExecutor(max_workers=2)
+        self.futures: list[Future] = []
+        self._open()
+
+    def _open(self) -> None:
+        self.buf = io.BytesIO()
+        self.tar = tarfile.open(fileobj=self.buf, mode="w", format=tarfile.USTAR_FORMAT)
+        self.count, self.bytes = 0, _TAR_END
+
+    def add(self, e: Encoded) -> None:
+        size = _member_bytes(len(e.data)) + (_member_bytes(4) if e.label >= 0 else 0)
+        by_count = self.config.shard_samples > 0
+        padded = -(-(self.bytes + size) // _RECORD) * _RECORD
+        full = (self.count >= self.config.shard_samples if by_count
+                else padded > self.config.shard_bytes)
+        if self.count and full:
+            self.flush()
+        _member(self.tar, f"{e.key}.{self.ext}", e.data)
+        if e.label >= 0:
+            _member(self.tar, f"{e.key}.cls", str(e.label).encode())
+        self.count, self.bytes = self.count + 1, self.bytes + size
+
+    def flush(self) -> None:
+        if not self.count:
+            return
+        self.tar.close()
+        data, count = self.buf.getvalue(), self.count
+        name = SHARD_NAME.format(len(self.futures))
+        self.futures.append(self.pool.submit(self._publish, name, data, count))
+        self._open()
+
+    def _publish(self, name: str, data: bytes, count: int) -> ShardInfo:
+        url = storage.join(self.url, name)
+        storage.put_atomic(url, data, self.config.storage_options)
+        return ShardInfo(name, count, len(data), hashlib.sha256(data).hexdigest())
+
+    def close(self) -> list[ShardInfo]:
+        self.flush()
+        try:
+            return [f.result() for f in self.futures]
+        finally:
+            self.pool.shutdown()
+
+
+def fingerprint(config: IngestConfig, split: str) -> dict:
+    """The config values that determine a split's shards (not where or how fast)."""
+    skip = {"output_url", "workers", "storage_options"}
+    return {"split": split, **{k: v for k, v in asdict(config).items() if k not in skip}}
+
+
+def order(n: int, config: IngestConfig, split: str) -> list[int]:
+    """Source indices of a split in shard order: the first ``limit``, shuffled by seed."""
+    idx = np.arange(min(n, config.limit) if config.limit else n)
+    if config.shuffle:
+        idx = np.random.default_rng([config.seed, 1 if split == "train" else 2]).permutation(idx)
+    return idx.tolist()
+
+
+class _Stats:
+    """Running count, sizes, modes and per-channel pixel sums of a split."""
+
+    def __init__(self):
+        self.count, self.pixels, self.sizes, self.modes = 0, 0, set(), set()
+        self.sum: np.ndarray | float = 0.0
+        self.sumsq: np.ndarray | float = 0.0
+
+    def add(self, e: Encoded) -> None:
+        self.count += 1
+        self.pixels += e.width * e.height
+        self.sizes.add((e.width, e.height))
+        self.modes.add(e.mode)
+        if len(self.modes) == 1:  # channel sums only mean something for a single mode
+            self.sum = self.sum + np.asarray(e.pixel_sum)
+            self.sumsq = self.sumsq + np.asarray(e.pixel_sumsq)
+
+    def to_dict(self, encoding: str, classes: list[str]) -> dict:
+        mean = np.atleast_1d(self.sum / max(self.pixels, 1))
+        std = np.sqrt(np.maximum(np.atleast_1d(self.sumsq / max(self.pixels, 1)) - mean**2, 0))
+        if len(self.modes) != 1:
+            mean = std = np.zeros(0)
+        width, height = next(iter(self.sizes)) if len(self.sizes) == 1 else (0, 0)
+        mode = next(iter(self.modes)) if len(self.modes) == 1 else "mixed"
+        return {"count": self.count, "width": width, "height": height, "mode": mode,
+                "channels": {"L": 1, "RGB": 3}.get(mode, 0),
+                "mean": [round(float(m), 6) for m in mean],
+                "std": [round(float(s), 6) for s in std], "encoding": encoding,
+                "classes": classes}
+
+
+def _stale(split_url: str, keep: set[str], storage_options: dict) -> list[str]:
+    return [n for n in storage.listdir(split_url, storage_options)
+            if n.startswith("shard-") and n.endswith(".tar") and n not in keep]
+
+
+def ingest_split(source, split: str, config: IngestConfig, pool, progress: bool) -> Manifest:
+    """Write one split's shards then its manifest (or skip it if already done)."""
+    split_url = storage.join(config.output_url, split)
+    want = fingerprint(config, split)
+    old = try_read_manifest(split_url, config.storage_options)
+    if old is not None and old.ingest == want:
+        log.info("skip %s: %s already matches this config (%d samples, %d shards)",
+                 split, storage.join(split_url, MANIFEST), old.count, len(old.shards))
+        return old
+    if old is not None:
+        log.warning("%s: manifest from a different config; rewriting the split", split_url)
+        storage.remove(storage.join(split_url, MANIFEST), config.storage_options)
+    indices = order(source.splits[split], config, split)
+    jobs = [(split, i, f"{split}-{i:08d}") for i in indices]
+    writer, stats = _ShardWriter(split_url, config), _Stats()
+    results = pool.imap(_encode_one, jobs, chunksize=64) if pool else map(_encode_one, jobs)
+    for e in tqdm(results, total=len(jobs), desc=f"ingest {split}", unit="img",
+                  disable=not progress):
+        writer.add(e)
+        stats.add(e)
+    shards = writer.close()
+    manifest = Manifest(split=split, shards=shards, url=split_url, ingest=want,
+                        stats=stats.to_dict(config.encoding, list(source.classes)))
+    write_manifest(manifest, split_url, config.storage_options)
+    for name in _stale(split_url, {s.name for s in shards}, config.storage_options):
+        storage.remove(storage.join(split_url, name), config.storage_options)
+    log.info("wrote %s: %d samples in %d shards", split_url, manifest.count, len(shards))
+    return manifest
+
+
+def ingest(config: IngestConfig, progress: bool = True) -> dict[str, Manifest]:
+    """Ingest every non-empty split of ``config.source``; returns the manifests by split.
+
+    Idempotent: a split whose manifest matches the config is skipped (and logged as such).
+    """
+    source = open_source(config)
+    splits = [s for s, n in source.splits.items() if n]
+    pool = None
+    if config.workers > 1:
+        context = storage.process_context(WORKER_PRELOAD)
+        pool = context.Pool(config.workers, _init, (source, config, dict(os.environ)))
+    else:
+        _init(source, config)
+    try:
+        return {s: ingest_split(source, s, config, pool, progress) for s in splits}
+    finally:
+        if pool is not None:
+            pool.terminate()

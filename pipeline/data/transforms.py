@@ -1,0 +1,182 @@
+"""Small generator stages, composed in a list: raw tar samples -> decoded -> batches -> tensors.
+
+Each stage is ``stage(items, **options) -> iterator`` and works on a plain list, e.g.
+``list(batched([1, 2, 3, 4], 2)) == [[1, 2], [3, 4]]``. A bad sample is never dropped in
+flight: it travels as ``{"bad": reason, ...}`` so every rank keeps its exact batch count, and
+:func:`fill_bad` replaces it in its batch by a repeat of a good sample, marked ``pad``.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "webp")
+CONVERTIBLE_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; ``reason`` is its stats bucket."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def pipeline(source: Iterable, stages: list[Callable[[Iterable], Iterable]]) -> Iterator:
+    """``stages[-1](...stages[0](source))``."""
+    for stage in stages:
+        source = stage(source)
+    return iter(source)
+
+
+def stage(fn: Callable, **options: Any) -> Callable[[Iterable], Iterator]:
+    """``fn`` with its options bound, ready for :func:`pipeline`."""
+    return partial(fn, **options)
+
+
+def decode_image(data: bytes, size: tuple[int, int], channels: int, resize: bool, crop: str,
+                 max_pixels: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Image bytes -> uint8 array ``(C, H, W)`` with ``(H, W) == size``.
+
+    Raises:
+        BadSample: ``decode_error``, ``too_many_pixels`` (checked from the header, before
+            decompression), ``wrong_mode`` or ``wrong_size`` (when not resizing).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            w, h = image.size
+            if w * h > max_pixels:
+                raise BadSample("too_many_pixels", f"{w}x{h} > max_pixels={max_pixels}")
+            if image.mode not in CONVERTIBLE_MODES:
+                raise BadSample("wrong_mode", image.mode)
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadSample("too_many_pixels", str(e)) from None
+    except BadSample:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
+        raise BadSample("decode_error", f"{type(e).__name__}: {e}") from None
+    height, width = size
+    if image.size != (width, height):
+        if not resize:
+            raise BadSample("wrong_size", f"{w}x{h}, expected {width}x{height}")
+        image = _resize(image, width, height, crop, rng)
+    target = "L" if channels == 1 else "RGB"
+    if image.mode != target:
+        image = image.convert(target)
+    pixels = np.asarray(image)  # (H, W) or (H, W, C)
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def _resize(image: Image.Image, width: int, height: int, crop: str,
+            rng: np.random.Generator | None) -> Image.Image:
+    if crop == "none":
+        return image.resize((width, height), Image.Resampling.BILINEAR)
+    w, h = image.size
+    scale = max(width / w, height / h)
+    nw, nh = max(width, round(w * scale)), max(height, round(h * scale))
+    image = image.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    if crop == "random" and rng is not None:
+        left, top = int(rng.integers(nw - width + 1)), int(rng.integers(nh - height + 1))
+    else:
+        left, top = (nw - width) // 2, (nh - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def decode(items: Iterable[dict], *, size: tuple[int, int], channels: int, resize: bool,
+           crop: str, max_pixels: int, seed: int = 0, epoch: int = 0) -> Iterator[dict]:
+    """Raw samples ``{__key__, __url__, png|jpg, cls, __pos__, __pad__}`` -> decoded items.
+
+    Yields ``{"image": uint8 (C, H, W), "label", "key", "pad"}`` or, for a bad sample,
+    ``{"bad": reason, "detail", "key", "url", "pad"}``. Items already ``bad`` pass through.
+    """
+    for item in items:
+        if "bad" in item:
+            yield item
+            continue
+        key, url, pad = item.get("__key__", ""), item.get("__url__", ""), item.get("__pad__", False)
+        try:
+            suffix = next((s for s in IMAGE_SUFFIXES if s in item), None)
+            if suffix is None:
+                members = sorted(k for k in item if not k.startswith("__"))
+                raise BadSample("no_image", f"members {members}")
+            rng = None
+            if crop == "random":  # by (seed, epoch, plan position): replayable on resume
+                rng = np.random.default_rng([seed % 2**63, epoch, item.get("__pos__", 0)])
+            image = decode_image(item[suffix], size, channels, resize, crop, max_pixels, rng)
+            label = -1
+            if "cls" in item:
+                try:
+                    label = int(item["cls"].decode().strip())
+                except (ValueError, UnicodeDecodeError):
+                    raise BadSample("bad_label", repr(item["cls"][:20])) from None
+        except BadSample as e:
+            yield {"bad": e.reason, "detail": str(e), "key": key, "url": url, "pad": pad}
+            continue
+        yield {"image": image, "label": label, "key": key, "pad": pad}
+
+
+def batched(items: Iterable, batch_size: int) -> Iterator[list]:
+    """Lists of exactly ``batch_size`` items; a short tail is an error (plans are exact)."""
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        raise AssertionError(f"{len(batch)} items left over; the plan must fill whole batches")
+
+
+def fill_bad(batches: Iterable[list[dict]], *, shape: tuple[int, int, int]) -> Iterator[dict]:
+    """Replace each bad item by a repeat of a good one (same batch, else the last good seen).
+
+    Yields ``{"items": [...], "skipped": [{bad, detail, key, url}, ...]}``; replacements have
+    ``pad=True``. With no good sample seen yet, a zero image of ``shape`` stands in.
+    """
+    last_good = {"image": np.zeros(shape, np.uint8), "label": -1, "key": ""}
+    for batch in batches:
+        good = [x for x in batch if "bad" not in x]
+        skipped = [{k: x[k] for k in ("bad", "detail", "key", "url")} for x in batch if "bad" in x]
+        if good:
+            last_good = good[-1]
+        out, j = [], 0
+        for x in batch:
+            if "bad" in x:
+                donor = good[j % len(good)] if good else last_good
+                x, j = {**donor, "pad": True}, j + 1
+            out.append(x)
+        yield {"items": out, "skipped": skipped}
+
+
+def collate(batches: Iterable[dict], *, mean: list[float] | None = None,
+            std: list[float] | None = None, scale: str = "unit") -> Iterator[dict]:
+    """:func:`fill_bad` batches -> ``{"image": float (B, C, H, W), "label": int64 (B,),
+    "key": list[str], "pad": bool (B,), "skipped": list[dict]}``.
+
+    ``scale``: ``unit`` -> [0, 1]; ``symmetric`` -> [-1, 1]; ``standard`` -> (x - mean) / std.
+    """
+    for filled in batches:
+        batch = filled["items"]
+        images = torch.from_numpy(np.stack([x["image"] for x in batch])).float().div_(255)
+        if scale == "symmetric":
+            images = images.mul_(2).sub_(1)
+        elif scale == "standard":
+            m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+            s = torch.tensor(std, dtype=torch.float32).clamp_min(1e-6).view(1, -1, 1, 1)
+            images = images.sub_(m).div_(s)
+        yield {"image": images,
+               "label": torch.tensor([x["label"] for x in batch], dtype=torch.int64),
+               "key": [x["key"] for x in batch],
+               "pad": torch.tensor([bool(x["pad"]) for x in batch]),
+               "skipped": filled["skipped"]}

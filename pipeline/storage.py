@@ -1,0 +1,356 @@
+"""The one module that knows about storage: URLs in, bytes and file objects out.
+
+Every other module takes URLs (a local path, ``file://...`` or ``s3://bucket/key``) and calls
+the functions here. S3 credentials come only from the environment (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, optional ``AWS_SESSION_TOKEN``), the endpoint from
+``AWS_ENDPOINT_URL`` and the region from ``AWS_REGION``; they never appear in messages.
+
+Transient failures (connection errors, timeouts, 5xx, throttling) are retried with
+exponential backoff, a bounded number of times; everything else fails at once with a one-line
+:class:`StorageError` naming the URL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import multiprocessing
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import IO, Any, TypeVar
+
+import fsspec
+
+from pipeline.errors import ConfigError, PipelineError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_RETRIES = 5
+DEFAULT_BACKOFF = 0.5  # seconds before the first retry, doubled per retry
+MAX_BACKOFF = 8.0
+TMP_MARK = ".tmp-"  # temp keys are ".{name}.tmp-{uuid}" next to the final key
+
+_SECRET_OPTIONS = {"key", "secret", "token", "password", "username", "aws_access_key_id",
+                   "aws_secret_access_key", "aws_session_token"}
+# Matched by class name over the MRO so botocore/aiohttp need not be imported here.
+_TRANSIENT_NAMES = {"ConnectionError", "HTTPClientError", "ReadTimeoutError",
+                    "ConnectTimeoutError", "ClientPayloadError", "ClientConnectionError",
+                    "ClientOSError", "ServerDisconnectedError", "ServerTimeoutError",
+                    "IncompleteRead", "FSTimeoutError", "TimeoutError", "ResponseStreamingError"}
+_TRANSIENT_ERRNOS = {errno.EREMOTEIO, errno.EBUSY, errno.EIO, errno.ECONNRESET,
+                     errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE}
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+              FileExistsError)
+
+
+class StorageError(PipelineError):
+    """A storage operation failed for good: missing bucket/object, denied, or unreachable."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is worth retrying: connection drops, timeouts, 5xx, throttling."""
+    if isinstance(exc, _PERMANENT):
+        return False
+    if any(c.__name__ in _TRANSIENT_NAMES for c in type(exc).__mro__):
+        return True
+    status = getattr(exc, "response", None) or {}
+    if isinstance(status, dict):  # botocore ClientError that s3fs did not translate
+        code = status.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code >= 500 or status.get("Error", {}).get("Code") in ("SlowDown", "Throttling"):
+            return True
+    return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
+
+
+def _endpoint(url: str) -> str:
+    if _protocol(url) in ("s3", "s3a"):
+        return os.environ.get("AWS_ENDPOINT_URL") or "the default AWS endpoint"
+    return ""
+
+
+def describe_error(exc: BaseException, url: str) -> str:
+    """One line naming the URL and what went wrong (never credentials)."""
+    if isinstance(exc, StorageError):
+        return str(exc)
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, FileNotFoundError):
+        if "bucket" in text.lower():
+            return f"{url}: bucket {_bucket(url)!r} does not exist ({text})"
+        return f"{url}: no such file or object"
+    if isinstance(exc, PermissionError):
+        hint = " (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)" if _bucket(url) else ""
+        return f"{url}: access denied{hint}: {text}"
+    where = f" at {_endpoint(url)}" if _endpoint(url) else ""
+    return f"{url}{where}: {type(exc).__name__}: {text}"
+
+
+def retry_call(fn: Callable[[], T], url: str, what: str = "access",
+               retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF) -> T:
+    """Call ``fn()``; retry transient errors ``retries`` times with doubling backoff.
+
+    Raises:
+        StorageError: a permanent error, or a transient one that outlived the retries.
+    """
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as e:
+            if isinstance(e, (StorageError, ConfigError)):
+                raise
+            if not is_transient(e):
+                raise StorageError(f"cannot {what} {describe_error(e, url)}") from e
+            if attempt == retries:
+                raise StorageError(
+                    f"cannot {what} {describe_error(e, url)} (gave up after {retries + 1} attempts)"
+                ) from e
+            delay = min(backoff * 2**attempt, MAX_BACKOFF)
+            log.warning("transient error on %s (%s), retry %d/%d in %.1fs",
+                        url, type(e).__name__, attempt + 1, retries, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def process_context(preload: tuple[str, ...] = ()) -> multiprocessing.context.BaseContext:
+    """The multiprocessing context for worker processes of a process that uses storage.
+
+    s3fs runs an asyncio loop in a thread of this process. A ``fork``ed child shares that
+    loop's epoll instance and sockets, and the parent's loop can then miss responses that
+    already arrived (seen here: S3 calls stalling 60 s after a DataLoader or Pool forked).
+    ``forkserver`` children fork from a clean server process instead; ``preload`` names
+    modules that server imports once, so each worker starts in milliseconds. Such children
+    start with the server's environment: run :func:`inherit_environ` first in each.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    if preload:
+        ctx.set_forkserver_preload(list(preload))
+    return ctx
+
+
+def inherit_environ(environ: dict[str, str]) -> None:
+    """Make ``os.environ`` the given parent's (credentials set after the server started)."""
+    for key in set(os.environ) - set(environ):
+        del os.environ[key]
+    os.environ.update(environ)
+
+
+# ---------------------------------------------------------------------------- filesystems
+
+
+def _protocol(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def _bucket(url: str) -> str:
+    return url.split("://", 1)[1].split("/", 1)[0] if _protocol(url) in ("s3", "s3a") else ""
+
+
+def _s3_options(url: str, options: dict) -> dict:
+    opts = dict(options)
+    if not opts.get("anon"):
+        key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+        if not key or not secret:
+            raise StorageError(
+                f"{url}: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set in the environment"
+            )
+        opts.update(key=key, secret=secret)
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            opts["token"] = os.environ["AWS_SESSION_TOKEN"]
+    client = dict(opts.pop("client_kwargs", {}))
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        client["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        client.setdefault("region_name", region)
+    opts["client_kwargs"] = client
+    # Bounded botocore behaviour: our retry_call owns the retry policy, so a dead endpoint
+    # fails in seconds instead of botocore's long default chain.
+    config = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 1}}
+    opts["config_kwargs"] = {**config, **opts.get("config_kwargs", {})}
+    opts.setdefault("use_listings_cache", False)
+    return opts
+
+
+def get_fs(url: str, storage_options: dict | None = None) -> tuple[Any, str]:
+    """The fsspec filesystem for ``url`` and the path inside it.
+
+    Args:
+        url: a local path, ``file://...`` or ``s3://bucket/key``.
+        storage_options: non-secret fsspec options (e.g. ``{"anon": True}``).
+
+    Raises:
+        ConfigError: ``storage_options`` holds a credential.
+        StorageError: S3 credentials are missing from the environment.
+    """
+    options = dict(storage_options or {})
+    secret = sorted(k for k in options if k.lower() in _SECRET_OPTIONS)
+    if secret:
+        raise ConfigError("storage_options", f"credentials must come from the environment, "
+                          f"not config (remove {', '.join(secret)})")
+    if _protocol(url) in ("s3", "s3a"):
+        options = _s3_options(url, options)
+    try:
+        return fsspec.core.url_to_fs(url, **options)
+    except (ImportError, ValueError) as e:
+        raise StorageError(f"{url}: unsupported URL ({e})") from None
+
+
+def is_local(url: str) -> bool:
+    """Whether ``url`` is on the local filesystem (a path or ``file://``)."""
+    return _protocol(url) in ("file", "local")
+
+
+def _is_local(fs: Any) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
+
+
+def join(url: str, *parts: str) -> str:
+    """``join("s3://b/data", "train", "x.tar") == "s3://b/data/train/x.tar"``."""
+    out = url.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}" if part else out
+    return out
+
+
+def basename(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[0]
+
+
+# ---------------------------------------------------------------------------- operations
+
+
+def open_url(url: str, mode: str = "rb", storage_options: dict | None = None,
+             retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF,
+             **open_kwargs: Any) -> IO:
+    """Open ``url`` (retrying transient errors on open); the caller closes it.
+
+    For reads, later transient errors surface from ``read()``; callers that stream (the
+    shard reader) reopen and skip ahead themselves.
+    """
+    fs, path = get_fs(url, storage_options)
+    if "w" in mode and _is_local(fs):
+        fs.makedirs(fs._parent(path), exist_ok=True)
+    return retry_call(lambda: fs.open(path, mode, **open_kwargs), url, "open", retries, backoff)
+
+
+def read_bytes(url: str, storage_options: dict | None = None,
+               retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF) -> bytes:
+    """The whole object at ``url``."""
+    fs, path = get_fs(url, storage_options)
+    return retry_call(lambda: fs.cat_file(path), url, "read", retries, backoff)
+
+
+def exists(url: str, storage_options: dict | None = None,
+           retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF) -> bool:
+    fs, path = get_fs(url, storage_options)
+    return retry_call(lambda: fs.exists(path), url, "check", retries, backoff)
+
+
+def size(url: str, storage_options: dict | None = None,
+         retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF) -> int:
+    fs, path = get_fs(url, storage_options)
+    return int(retry_call(lambda: fs.size(path), url, "stat", retries, backoff))
+
+
+def listdir(url: str, storage_options: dict | None = None,
+            retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF) -> list[str]:
+    """Sorted base names directly under ``url``; ``[]`` if it does not exist."""
+    fs, path = get_fs(url, storage_options)
+
+    def ls() -> list[str]:
+        try:
+            entries = fs.ls(path, detail=False)
+        except FileNotFoundError as e:
+            if _bucket(url) and "bucket" in str(e).lower():
+                raise
+            return []
+        return sorted({basename(e) for e in entries if e.rstrip("/") != path.rstrip("/")})
+
+    return retry_call(ls, url, "list", retries, backoff)
+
+
+def remove(url: str, storage_options: dict | None = None, missing_ok: bool = True,
+           retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF) -> None:
+    fs, path = get_fs(url, storage_options)
+
+    def rm() -> None:
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+
+    retry_call(rm, url, "remove", retries, backoff)
+
+
+@contextlib.contextmanager
+def atomic_write(url: str, storage_options: dict | None = None,
+                 retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF) -> Iterator[IO]:
+    """Write ``url`` so no reader ever sees it half-written.
+
+    Yields a binary file that writes ``.{name}.tmp-{uuid}`` next to ``url``; on a clean exit
+    the temp object is published under its final name (``os.replace`` locally, server-side
+    copy + delete on S3). On an exception the temp object is removed and ``url`` untouched.
+    """
+    fs, path = get_fs(url, storage_options)
+    name = basename(path)
+    tmp = f"{fs._parent(path)}/.{name}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+    if _is_local(fs):
+        fs.makedirs(fs._parent(path), exist_ok=True)
+    published = False
+    try:
+        with retry_call(lambda: fs.open(tmp, "wb"), url, "write", retries, backoff) as f:
+            yield f
+        retry_call(lambda: fs.mv(tmp, path), url, "publish", retries, backoff)
+        published = True
+    except Exception as e:
+        if isinstance(e, PipelineError) or not isinstance(e, OSError):
+            raise
+        raise StorageError(f"cannot write {describe_error(e, url)}") from e
+    finally:
+        if not published:
+            with contextlib.suppress(Exception):
+                fs.rm_file(tmp)
+
+
+def put_atomic(url: str, data: bytes, storage_options: dict | None = None,
+               retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF) -> None:
+    """Write ``data`` to ``url`` atomically (see :func:`atomic_write`), retrying as a whole."""
+
+    def put() -> None:
+        with atomic_write(url, storage_options, retries=0) as f:
+            f.write(data)
+
+    def attempt() -> None:
+        try:
+            put()
+        except StorageError as e:  # re-expose the cause so retry_call can classify it
+            raise (e.__cause__ or e) from None
+
+    retry_call(attempt, url, "write", retries, backoff)
+
+
+def download_dir(url: str, local_dir: str, storage_options: dict | None = None,
+                 retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF) -> str:
+    """The files under ``url`` as a local folder: ``url`` itself if local, else a recursive
+    copy into ``local_dir`` (returned)."""
+    fs, path = get_fs(url, storage_options)
+    if _is_local(fs):
+        if not fs.isdir(path):
+            raise StorageError(f"{url}: no such folder")
+        return path
+
+    def get() -> None:
+        if not fs.isdir(path):
+            raise FileNotFoundError(path)
+        fs.get(path.rstrip("/") + "/", local_dir.rstrip("/") + "/", recursive=True)
+
+    retry_call(get, url, "download", retries, backoff)
+    return local_dir

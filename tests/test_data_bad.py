@@ -1,0 +1,132 @@
+"""Bad data: corrupt images, non-image members, bombs, wrong sizes and truncated shards are
+skipped, counted and padded; equal batch counts still hold; the budget ends the run."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+import tarfile
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data.config import StreamConfig
+from pipeline.data.errors import BadDataError
+from pipeline.data.manifest import Manifest, ShardInfo, write_manifest
+from pipeline.data.stream import ShardStream, make_loader
+
+SIZE = 6
+PER_SHARD = 20
+CUT_AT = 12  # shard 1 is cut inside sample 12's image: 11 (in flight, may be partial)..19 lost
+
+
+def png(value: int, size: int = SIZE) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size), value, np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A 60-byte PNG whose header claims 10^10 pixels (Pillow's DecompressionBombError)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def write_tar(path: Path, samples: list[list[tuple[str, bytes]]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for members in samples:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    path.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def good(key: str, value: int) -> list[tuple[str, bytes]]:
+    return [(f"{key}.png", png(value)), (f"{key}.cls", b"1")]
+
+
+@pytest.fixture(scope="module")
+def bad_split(tmp_path_factory) -> tuple[str, set[str]]:
+    """Two shards of 20 samples: shard 0 holds 5 bad samples, shard 1 is truncated."""
+    root = tmp_path_factory.mktemp("bad")
+    s0 = [good(f"s0-{i:03d}", i) for i in range(PER_SHARD)]
+    s0[3] = [("s0-003.png", b"\x89PNG\r\n\x1a\n not really a png"), ("s0-003.cls", b"1")]
+    s0[7] = [("s0-007.txt", b"a text member, no image")]
+    s0[9] = [("s0-009.png", bomb_png())]
+    s0[11] = [("s0-011.png", png(5, size=SIZE + 2))]  # wrong size
+    s0[15] = [("s0-015.png", png(9, size=40))]  # 1600 pixels > max_pixels below
+    s1 = [good(f"s1-{i:03d}", 100 + i) for i in range(PER_SHARD)]
+    data0 = write_tar(root / "shard-000000.tar", s0)
+    data1 = write_tar(root / "shard-000001.tar", s1)
+    with tarfile.open(fileobj=io.BytesIO(data1)) as t:
+        cut = t.getmember(f"s1-{CUT_AT:03d}.png").offset_data + 10
+    (root / "shard-000001.tar").write_bytes(data1[:cut])
+    shards = [ShardInfo(f"shard-{i:06d}.tar", PER_SHARD, len(d), hashlib.sha256(d).hexdigest())
+              for i, d in enumerate([data0, data1])]
+    stats = {"count": 2 * PER_SHARD, "width": SIZE, "height": SIZE, "mode": "L", "channels": 1,
+             "mean": [0.2], "std": [0.1], "encoding": "png", "classes": []}
+    write_manifest(Manifest(split="train", shards=shards, stats=stats), str(root))
+    intact = {f"s0-{i:03d}" for i in range(PER_SHARD) if i not in (3, 7, 9, 11, 15)}
+    intact |= {f"s1-{i:03d}" for i in range(CUT_AT - 1)}
+    return str(root), intact
+
+
+def run(url: str, world_size: int, workers: int, max_bad: int = 100):
+    per_rank, stats = [], []
+    for rank in range(world_size):
+        config = StreamConfig(train_url=url, shuffle_buffer=8, max_pixels=1000,
+                              max_bad_samples=max_bad, retries=1, retry_backoff=0.0)
+        s = ShardStream(config, rank=rank, world_size=world_size, batch_size=4)
+        per_rank.append(list(make_loader(s, num_workers=workers)))
+        stats.append(s.stats())
+    return per_rank, stats
+
+
+@pytest.mark.parametrize("world_size,workers", [(1, 0), (2, 2)])
+def test_bad_samples_are_skipped_counted_and_padded(bad_split, world_size, workers):
+    url, intact = bad_split
+    per_rank, stats = run(url, world_size, workers)
+    assert [len(b) for b in per_rank] == [10 // world_size] * world_size  # 40 samples / 4
+    reasons = sum((Counter(s["bad_reasons"]) for s in stats), Counter())
+    assert dict(reasons) == {"decode_error": 1, "no_image": 1, "too_many_pixels": 2,
+                             "wrong_size": 1, "truncated_shard": PER_SHARD - CUT_AT + 1}
+    assert sum(s["bad_samples"] for s in stats) == 14
+    seen, pads = [], 0
+    for batches in per_rank:
+        for b in batches:
+            assert b["image"].shape == (4, 1, SIZE, SIZE)
+            pads += int(b["pad"].sum())
+            seen += [k for k, p in zip(b["key"], b["pad"].tolist()) if not p]
+            for k, x in zip(b["key"], b["image"]):  # every pixel of a sample is its value
+                if k:
+                    value = int(k[3:]) + (100 if k.startswith("s1") else 0)
+                    assert set((x * 255).round().int().flatten().tolist()) == {value}
+    assert pads == 14
+    assert sorted(seen) == sorted(intact) and len(seen) == 26
+
+
+def test_budget_exceeded_names_the_shard(bad_split):
+    url, _ = bad_split
+    with pytest.raises(BadDataError, match=r"exceed max_bad_samples=4.*shard-00000\d\.tar"):
+        run(url, 1, 0, max_bad=4)
+
+
+def test_missing_shard_is_unreadable_not_a_hang(bad_split, tmp_path):
+    url, _ = bad_split
+    manifest = Path(url, "manifest.json").read_text()
+    (tmp_path / "manifest.json").write_text(manifest)
+    (tmp_path / "shard-000000.tar").write_bytes(Path(url, "shard-000000.tar").read_bytes())
+    per_rank, stats = run(str(tmp_path), 1, 2)  # shard-000001.tar does not exist here
+    assert len(per_rank[0]) == 10
+    assert stats[0]["bad_reasons"]["unreadable_shard"] == PER_SHARD

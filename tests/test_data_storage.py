@@ -1,0 +1,87 @@
+"""pipeline.storage on local paths and a real SeaweedFS S3 server: atomic publish, errors."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+
+import pytest
+
+from pipeline import storage
+from pipeline.errors import ConfigError
+
+
+def _atomic_write_roundtrip(base: str) -> None:
+    url = storage.join(base, "dir", "x.bin")
+    with storage.atomic_write(url) as f:
+        f.write(b"half")
+        f.flush()
+        assert not storage.exists(url)  # no final key before completion
+        f.write(b"-done")
+    assert storage.read_bytes(url) == b"half-done"
+    assert storage.listdir(storage.join(base, "dir")) == ["x.bin"]  # no temp key left
+
+    failed = storage.join(base, "dir", "y.bin")
+    with pytest.raises(RuntimeError, match="boom"):
+        with storage.atomic_write(failed) as f:
+            f.write(b"partial")
+            raise RuntimeError("boom")
+    assert not storage.exists(failed)
+    assert storage.listdir(storage.join(base, "dir")) == ["x.bin"]
+
+    storage.put_atomic(failed, b"whole")
+    assert storage.read_bytes(failed) == b"whole" and storage.size(failed) == 5
+    storage.remove(failed)
+    assert storage.listdir(storage.join(base, "dir")) == ["x.bin"]
+
+
+def test_atomic_write_local(tmp_path):
+    _atomic_write_roundtrip(str(tmp_path))
+    assert storage.join("s3://b/p/", "/train/", "x.tar") == "s3://b/p/train/x.tar"
+
+
+def test_atomic_write_s3(s3_env):
+    _atomic_write_roundtrip(s3_env.make_bucket("storage-atomic") + f"/{uuid.uuid4().hex}")
+
+
+def test_temp_key_is_visible_only_under_a_dot_name(s3_env):
+    base = s3_env.make_bucket("storage-tmp") + f"/{uuid.uuid4().hex}"
+    with storage.atomic_write(storage.join(base, "shard.tar")) as f:
+        f.write(b"x" * 10)
+        f.flush()
+        names = storage.listdir(base)
+        assert all(n.startswith(".shard.tar.tmp-") for n in names)
+    assert storage.listdir(base) == ["shard.tar"]
+
+
+def test_s3_errors_are_one_line_naming_the_url(s3_env, monkeypatch):
+    bucket = s3_env.make_bucket("storage-errors") + f"/{uuid.uuid4().hex}"
+    with pytest.raises(storage.StorageError, match=r"s3://no-such-bucket-\w+/x: bucket"):
+        storage.read_bytes(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/x")
+    with pytest.raises(storage.StorageError, match=rf"{bucket}/missing: no such file"):
+        storage.read_bytes(f"{bucket}/missing")
+    storage.put_atomic(f"{bucket}/ok", b"1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "definitely-wrong-secret")
+    with pytest.raises(storage.StorageError, match="access denied") as e:
+        storage.read_bytes(f"{bucket}/ok")
+    assert "definitely-wrong-secret" not in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(storage.StorageError, match="AWS_SECRET_ACCESS_KEY must be set"):
+        storage.read_bytes(f"{bucket}/ok")
+
+
+def test_unreachable_endpoint_gives_up_after_bounded_retries(s3_env, monkeypatch):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    t0 = time.monotonic()
+    with pytest.raises(storage.StorageError, match=rf"127.0.0.1:{port}.*gave up after 3 attempts"):
+        storage.read_bytes("s3://any-bucket/x", retries=2, backoff=0.01)
+    assert time.monotonic() - t0 < 30
+
+
+def test_credentials_never_come_from_config():
+    with pytest.raises(ConfigError, match=r"storage_options: credentials .* \(remove secret\)"):
+        storage.get_fs("s3://b/x", {"secret": "s"})
