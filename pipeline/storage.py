@@ -119,13 +119,13 @@ def process_context(preload: tuple[str, ...] = ()) -> multiprocessing.context.Ba
     s3fs runs an asyncio loop in a thread of this process. A ``fork``ed child shares that
     loop's epoll instance and sockets, and the parent's loop can then miss responses that
     already arrived (seen here: S3 calls stalling 60 s after a DataLoader or Pool forked).
-    ``forkserver`` children fork from a clean server process instead; ``preload`` names
-    modules that server imports once, so each worker starts in milliseconds. Such children
-    start with the server's environment: run :func:`inherit_environ` first in each.
+    ``forkserver`` children fork from a clean server process instead; the server imports
+    ``__main__`` (as multiprocessing's default does: scripts need an ``if __name__ ==
+    "__main__":`` guard) and ``preload`` once, so each worker starts in milliseconds. Such
+    children start with the server's environment: run :func:`inherit_environ` in each.
     """
     ctx = multiprocessing.get_context("forkserver")
-    if preload:
-        ctx.set_forkserver_preload(list(preload))
+    ctx.set_forkserver_preload(["__main__", *preload])
     return ctx
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 from pipeline.data.config import StreamConfig
 from pipeline.data.errors import BadDataError
 from pipeline.data.manifest import Manifest, ShardInfo, write_manifest
+from pipeline.data.shards import tar_samples
 from pipeline.data.stream import ShardStream, make_loader
 
 SIZE = 6
@@ -130,3 +131,43 @@ def test_missing_shard_is_unreadable_not_a_hang(bad_split, tmp_path):
     per_rank, stats = run(str(tmp_path), 1, 2)  # shard-000001.tar does not exist here
     assert len(per_rank[0]) == 10
     assert stats[0]["bad_reasons"]["unreadable_shard"] == PER_SHARD
+
+
+def test_pax_tars_fall_back_to_the_webdataset_parser(tmp_path):
+    # pax headers (here: names over 100 bytes) are left to webdataset's tarfile-based reader
+    keys = [f"{'k' * 110}-{i}" for i in range(6)]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for i, key in enumerate(keys):
+            for name, data in good(key, 10 * i):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    (tmp_path / "shard-000000.tar").write_bytes(data)
+    stats = {"count": 6, "width": SIZE, "height": SIZE, "mode": "L", "channels": 1,
+             "mean": [0.2], "std": [0.1], "encoding": "png", "classes": []}
+    info = ShardInfo("shard-000000.tar", 6, len(data), hashlib.sha256(data).hexdigest())
+    write_manifest(Manifest(split="train", shards=[info], stats=stats), str(tmp_path))
+    s = ShardStream(StreamConfig(train_url=str(tmp_path), shuffle_buffer=4), batch_size=3)
+    batches = list(make_loader(s, num_workers=0))
+    assert sorted(k for b in batches for k in b["key"]) == sorted(keys)
+    assert s.stats()["bad_samples"] == 0
+    for b in batches:
+        for k, x in zip(b["key"], b["image"]):
+            assert int((x * 255).round().max()) == 10 * int(k.rsplit("-", 1)[1])
+
+
+def test_fast_and_webdataset_parsers_agree(bad_split):
+    url, _ = bad_split
+    data = Path(url, "shard-000000.tar").read_bytes()
+    fast = list(tar_samples(io.BytesIO(data), "u", fast=True))
+    slow = list(tar_samples(io.BytesIO(data), "u", fast=False))
+    assert len(fast) == PER_SHARD and fast == slow
+    truncated = Path(url, "shard-000001.tar").read_bytes()
+    for fast_flag in (True, False):  # both raise on the cut; both yielded samples 0..10 first
+        got = []
+        with pytest.raises(tarfile.ReadError):
+            for sample in tar_samples(io.BytesIO(truncated), "u", fast=fast_flag):
+                got.append(sample["__key__"])
+        assert got == [f"s1-{i:03d}" for i in range(CUT_AT - 1)]

@@ -157,6 +157,36 @@ def test_resume_with_other_world_size_and_workers(shards):
     assert set(everything) <= full
 
 
+def test_resume_chain_over_three_layouts(shards):
+    seen, state = [], None
+    for world_size, workers, k in [(2, 2, 3), (3, 1, 2), (1, 0, None)]:
+        for rank in range(world_size):
+            s = stream(shards, rank, world_size)
+            if state is not None:
+                s.load_state_dict(state)
+            loader = make_loader(s, num_workers=workers)
+            for i, batch in enumerate(loader):
+                seen += keys_of([batch])
+                if k is not None and i + 1 == k:
+                    break
+            last = loader.state_dict()
+        state = last
+    # 224 planned; 2x3x8 = 48 taken; 176 left -> 3 ranks x 7 batches, 8 dropped; 3x2x8 = 48
+    # taken; 120 left -> 15 batches on one rank
+    assert len(seen) == len(set(seen)) == 48 + 48 + 120
+
+
+def test_set_epoch_restarts_a_partial_pass(shards):
+    # the eval pattern: set_epoch(0), take a few batches, later set_epoch(0) again
+    s = stream(shards, shuffle_buffer=1)
+    first = [b["key"] for _, b in zip(range(3), make_loader(s, num_workers=2))]
+    s.set_epoch(0)
+    again = [b["key"] for _, b in zip(range(3), make_loader(s, num_workers=2))]
+    assert first == again
+    rest = list(make_loader(s, num_workers=0))  # without set_epoch: continues the pass
+    assert len(rest) == 28 - 3
+
+
 def test_state_dict_rejects_another_dataset(shards):
     s = stream(shards)
     state = s.state_dict()

@@ -14,6 +14,7 @@ import hashlib
 import io
 import logging
 import os
+import sys
 import tarfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -202,14 +203,20 @@ def _stale(split_url: str, keep: set[str], storage_options: dict) -> list[str]:
             if n.startswith("shard-") and n.endswith(".tar") and n not in keep]
 
 
+def _say(progress: bool, message: str) -> None:
+    log.info(message)
+    if progress:  # the CLI configures no logging; the progress bar's stream is the user's
+        tqdm.write(message, file=sys.stderr)
+
+
 def ingest_split(source, split: str, config: IngestConfig, pool, progress: bool) -> Manifest:
     """Write one split's shards then its manifest (or skip it if already done)."""
     split_url = storage.join(config.output_url, split)
     want = fingerprint(config, split)
     old = try_read_manifest(split_url, config.storage_options)
     if old is not None and old.ingest == want:
-        log.info("skip %s: %s already matches this config (%d samples, %d shards)",
-                 split, storage.join(split_url, MANIFEST), old.count, len(old.shards))
+        _say(progress, f"skip {split}: {storage.join(split_url, MANIFEST)} already matches this "
+                       f"config ({old.count} samples, {len(old.shards)} shards)")
         return old
     if old is not None:
         log.warning("%s: manifest from a different config; rewriting the split", split_url)
@@ -228,7 +235,7 @@ def ingest_split(source, split: str, config: IngestConfig, pool, progress: bool)
     write_manifest(manifest, split_url, config.storage_options)
     for name in _stale(split_url, {s.name for s in shards}, config.storage_options):
         storage.remove(storage.join(split_url, name), config.storage_options)
-    log.info("wrote %s: %d samples in %d shards", split_url, manifest.count, len(shards))
+    _say(progress, f"wrote {split_url}: {manifest.count} samples in {len(shards)} shards")
     return manifest
 
 

@@ -1,7 +1,9 @@
 """Read samples by index out of tar shards, streaming through :mod:`pipeline.storage`.
 
-The tar stream is parsed by webdataset's ``tar_file_iterator`` + ``group_by_keys``. One shard
-stays open between calls so consecutive blocks of the plan continue where the last stopped.
+Members are grouped into samples by webdataset's ``group_by_keys``; the members come from
+:func:`ustar_files`, a strict ustar parser ~8x faster than ``tarfile`` on small images, or,
+for tars using pax/GNU extensions, from webdataset's ``tar_file_iterator``. One shard stays
+open between calls so consecutive blocks of the plan continue where the last stopped.
 A transient storage error (a dropped S3 connection mid-shard) reopens the shard and skips
 back to the same sample index, up to ``retries`` times with doubling backoff. A shard that
 ends early or is structurally broken, or stays unreadable, turns each sample still wanted
@@ -88,12 +90,16 @@ class ReadAhead(io.RawIOBase):
         super().close()
 
 
-def open_shard(url: str, storage_options: dict | None = None):
-    """A readable stream of the shard at ``url`` (remote reads are prefetched)."""
+def open_shard(url: str, storage_options: dict | None = None, size: int | None = None):
+    """A readable stream of the shard at ``url`` (remote reads are prefetched).
+
+    ``size`` (from the manifest) saves a HEAD request per remote shard.
+    """
     if not storage.is_local(url):
         # "readahead": one ranged GET per ~9 MiB rather than one per read() call
+        extra = {"size": size} if size else {}
         f = storage.open_url(url, "rb", storage_options, retries=0, block_size=8 << 20,
-                             cache_type="readahead")
+                             cache_type="readahead", **extra)
         return io.BufferedReader(ReadAhead(f), buffer_size=READ_CHUNK)
     return storage.open_url(url, "rb", storage_options, retries=0)
 
@@ -160,8 +166,9 @@ class ShardReader:
     """Samples by (shard, index) from a manifest's shards, with retries and bad-item markers."""
 
     def __init__(self, urls: list[str], counts: list[int], storage_options: dict | None = None,
-                 retries: int = storage.DEFAULT_RETRIES, backoff: float = storage.DEFAULT_BACKOFF):
-        self.urls, self.counts = urls, counts
+                 retries: int = storage.DEFAULT_RETRIES, backoff: float = storage.DEFAULT_BACKOFF,
+                 sizes: list[int] | None = None):
+        self.urls, self.counts, self.sizes = urls, counts, sizes
         self.storage_options, self.retries, self.backoff = storage_options, retries, backoff
         self._shard, self._stream, self._it, self._next = -1, None, None, 0
         self._webdataset_only: set[int] = set()  # shards with tar features ustar_files lacks
@@ -176,7 +183,8 @@ class ShardReader:
 
     def _open(self, shard: int) -> None:
         self.close()
-        self._stream = open_shard(self.urls[shard], self.storage_options)
+        size = self.sizes[shard] if self.sizes else None
+        self._stream = open_shard(self.urls[shard], self.storage_options, size)
         fast = shard not in self._webdataset_only
         self._shard, self._next = shard, 0
         self._it = tar_samples(self._stream, self.urls[shard], fast)

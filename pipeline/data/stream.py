@@ -244,7 +244,8 @@ class ShardStream(IterableDataset):
                          self.shuffle)
         c = self.config
         reader = ShardReader([self.manifest.shard_url(i) for i in range(len(counts))], counts,
-                             c.storage_options, c.retries, c.retry_backoff)
+                             c.storage_options, c.retries, c.retry_backoff,
+                             sizes=[s.bytes for s in self.manifest.shards])
         stages = [
             stage(decode, size=self.image_hw, channels=self.channels,
                   resize=bool(c.image_size), crop=c.crop, max_pixels=c.max_pixels,
@@ -339,7 +340,9 @@ def make_loader(stream: ShardStream, num_workers: int | None = None,
     """The DataLoader for ``stream`` (``num_workers`` default: the stream's).
 
     Iterate it for batches; ``set_epoch``, ``state_dict``, ``load_state_dict`` and ``stats``
-    pass through to the stream.
+    pass through to the stream. Workers start from a forkserver (see
+    :func:`pipeline.storage.process_context`: forking next to a live S3 client stalls it), with
+    this process's environment; a script that iterates it needs a ``__main__`` guard.
     """
     workers = stream.num_workers if num_workers is None else num_workers
     kwargs = {}
