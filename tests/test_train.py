@@ -213,3 +213,34 @@ def _steps(rows):
     for e, s, k in rows:
         out[(e, s)].append(k)
     return out
+
+
+def test_submit_through_the_job_server(fmnist_url, mlflow_server, ray_env, s3_env, tmp_path,
+                                       capsys):
+    """`pipeline submit` a train yaml to the head's job server: it succeeds, logs come back,
+    and its MLflow run has metrics and images."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import cli
+
+    job = make_job(fmnist_url, mlflow_server, s3_env.make_bucket("ckpt-submit") + "/ray",
+                   "submitted", 1, epochs=1)
+    spec = tmp_path / "train.yaml"
+    spec.write_text(yaml.safe_dump({
+        "kind": "train", "entrypoint": f"python -m pipeline train {spec}",
+        "runtime_env": {"working_dir": str(Path(__file__).resolve().parents[1]),
+                        "env_vars": {"OMP_NUM_THREADS": "1"}},
+        "config": to_dict(job)}))
+    rc = cli.main(["submit", str(spec), "--address", ray_env.dashboard_url])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    assert "submitted" in out and "SUCCEEDED" in out
+    assert f"step {N_TRAIN // BATCH}/{N_TRAIN // BATCH} " in out
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name("test-submitted")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert {"loss", "eval_neg_elbo_bits", "images_per_second"} <= set(run.data.metrics)
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert any("reconstructions" in p for p in images) and any("prior_samples" in p for p in images)

@@ -54,10 +54,15 @@ def save(directory: str | Path, *, model: torch.nn.Module, state: dict[str, Any]
                     "scheduler": scheduler.state_dict() if scheduler is not None else {}}, buf)
         files["optim.pt"] = buf.getvalue()
     files["state.json"] = json.dumps(state, indent=1, sort_keys=True).encode()
+    # Until checksums.json is (re)published, the folder is not a checkpoint for load():
+    # a write that fails halfway leaves no checkpoint, never a mixed one.
+    (d / CHECKSUMS).unlink(missing_ok=True)
     for name, data in files.items():
         (d / name).write_bytes(data)
     sums = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
-    (d / CHECKSUMS).write_text(json.dumps(sums, indent=1, sort_keys=True))
+    tmp = d / f".{CHECKSUMS}.tmp"
+    tmp.write_text(json.dumps(sums, indent=1, sort_keys=True))
+    tmp.replace(d / CHECKSUMS)
     return d
 
 
@@ -72,28 +77,43 @@ def _read_verified(d: Path, name: str, sums: dict[str, str]) -> bytes:
     return data
 
 
+def _parse(d: Path, name: str, sums: dict[str, str], parse) -> Any:
+    """``parse`` the verified bytes of ``name``; a parse error names the file, in one line."""
+    data = _read_verified(d, name, sums)
+    try:
+        return parse(data)
+    except Exception as e:  # safetensors/torch/json errors on a corrupt or hostile file
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{d / name}: unreadable ({type(e).__name__}: {first})") from None
+
+
+def _no_pickle_load(data: bytes) -> Any:
+    # weights_only: torch's restricted unpickler, which builds tensors and plain containers
+    # only and refuses every other global (no code runs from a hostile optim.pt)
+    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+
+
 def load(directory: str | Path, *, with_optimizer: bool = True) -> dict[str, Any]:
     """Read and verify a checkpoint. No pickle is executed.
 
     Returns:
         ``{"model": state_dict, "ema": state_dict | None, "optim": dict | None, "state": dict}``.
+
+    Raises:
+        CheckpointError: naming the missing, tampered, truncated or unreadable file.
     """
     d = Path(directory)
     try:
         sums = json.loads((d / CHECKSUMS).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        raise CheckpointError(f"{d / CHECKSUMS}: missing or unreadable: not a complete checkpoint") from None
-    try:
-        out: dict[str, Any] = {"model": load_weights(_read_verified(d, "model.safetensors", sums))}
-        out["ema"] = (load_weights(_read_verified(d, "ema.safetensors", sums))
-                      if "ema.safetensors" in sums else None)
-        out["optim"] = None
-        if with_optimizer and "optim.pt" in sums:
-            raw = _read_verified(d, "optim.pt", sums)
-            out["optim"] = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
-        out["state"] = json.loads(_read_verified(d, "state.json", sums))
-    except CheckpointError:
-        raise
-    except Exception as e:  # safetensors/torch parse errors on a corrupt file
-        raise CheckpointError(f"{d}: unreadable checkpoint: {e}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        sums = None
+    if not isinstance(sums, dict):
+        raise CheckpointError(f"{d / CHECKSUMS}: missing or unreadable: not a complete checkpoint")
+    out: dict[str, Any] = {"model": _parse(d, "model.safetensors", sums, load_weights)}
+    out["ema"] = (_parse(d, "ema.safetensors", sums, load_weights)
+                  if "ema.safetensors" in sums else None)
+    out["optim"] = None
+    if with_optimizer and "optim.pt" in sums:
+        out["optim"] = _parse(d, "optim.pt", sums, _no_pickle_load)
+    out["state"] = _parse(d, "state.json", sums, json.loads)
     return out

@@ -6,17 +6,26 @@ restores the latest checkpoint, and the driver finds the unfinished MLflow run b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import TrainJob, to_dict
 from pipeline.errors import PipelineError
+from pipeline.train.tracking import (
+    RunSpec,
+    find_or_create_run,
+    mlflow_wait,
+    public_uri,
+    storage_path,
+    wait_for_run,
+)
 
-RUN_TAG = "pipeline.ray_run"
-STORE_TAG = "pipeline.storage_path"
+__all__ = ["TrainResult", "ray_address", "register_model", "run_training", "storage_path"]
 
 
 @dataclass
@@ -36,44 +45,32 @@ def ray_address(explicit: str | None = None) -> str | None:
     return None
 
 
-def storage_path(path: str) -> str:
-    return path if "://" in path else str(Path(path).expanduser().resolve())
+def _mlflow_run(spec: RunSpec) -> str:
+    """The job's MLflow run id, waiting a bounded time for MLflow; "" if it stayed down (the
+    worker then creates the run once MLflow answers, and training goes on meanwhile)."""
+    wait = mlflow_wait()
+    run_id = wait_for_run(spec, wait)
+    if run_id:
+        print(f"MLflow run {run_id}", flush=True)
+    else:
+        print(f"warning: MLflow at {public_uri(spec.uri)} unreachable for {wait:.0f}s; training "
+              f"starts anyway, metrics are buffered and the run is created when MLflow is back",
+              flush=True)
+    return run_id
 
 
-def _mlflow_run(job: TrainJob) -> str:
-    """The unfinished run of this Ray run name + storage path, or a new one with params logged."""
-    import mlflow
+def _terminate(spec: RunSpec, run_id: str, status: str) -> str:
+    """Mark the run ``status`` (finding it by its tags if need be); warn if MLflow is down."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.train.loop import config_params
-    from pipeline.train.tracking import configure_client_timeouts
-
-    configure_client_timeouts()
-    t = job.tracking
-    mlflow.set_tracking_uri(t.mlflow_uri)
     try:
-        exp = mlflow.set_experiment(t.experiment)
-    except Exception as e:
-        raise PipelineError(f"MLflow at {t.mlflow_uri} unreachable: {type(e).__name__}") from None
-    client = MlflowClient(t.mlflow_uri)
-    store = storage_path(job.scaling.storage_path)
-    found = client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.`{RUN_TAG}` = '{job.scaling.name}' and tags.`{STORE_TAG}` = '{store}'",
-        order_by=["attributes.start_time DESC"], max_results=1,
-    )
-    if found and found[0].info.status != "FINISHED":
-        print(f"resuming MLflow run {found[0].info.run_id}", flush=True)
-        return found[0].info.run_id
-    run = client.create_run(exp.experiment_id, run_name=job.scaling.name,
-                            tags={RUN_TAG: job.scaling.name, STORE_TAG: store})
-    params = config_params(job)
-    items = list(params.items())
-    from mlflow.entities import Param
-
-    for i in range(0, len(items), 100):
-        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
-    return run.info.run_id
+        run_id = run_id or find_or_create_run(spec, create=False)
+        if run_id:
+            MlflowClient(spec.uri).set_terminated(run_id, status=status)
+    except Exception as e:  # tracking must not mask the training outcome
+        print(f"warning: could not mark MLflow run {run_id or '?'} {status} at "
+              f"{public_uri(spec.uri)} ({type(e).__name__})", flush=True)
+    return run_id
 
 
 def run_training(job: TrainJob, address: str | None = None, register: bool = True,
@@ -84,17 +81,24 @@ def run_training(job: TrainJob, address: str | None = None, register: bool = Tru
     from ray.train.torch import TorchTrainer
 
     from pipeline.train.loop import train_loop
+    from pipeline.train.preflight import preflight
 
-    run_id = _mlflow_run(job)
-    if not ray.is_initialized():
+    preflight(job)  # bad input: one line, before any run, cluster or folder exists
+    spec = RunSpec.from_job(job)
+    run_id = _mlflow_run(spec)
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
         # The job yaml's env_vars reach the workers the same way under `pipeline submit`,
         # `ray job submit` and a KubeRay RayJob.
+        # Under `ray job submit` they are already in this driver's env (and job runtime env).
+        env_vars = {k: v for k, v in (env_vars or {}).items() if os.environ.get(k) != v}
         ray.init(address=ray_address(address), log_to_driver=True,
                  runtime_env={"env_vars": env_vars} if env_vars else None)
     s = job.scaling
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"job": to_dict(job), "mlflow_run_id": run_id},
+        train_loop_config={"job": to_dict(job), "mlflow_run_id": run_id,
+                           "mlflow_run": dataclasses.asdict(spec)},
         scaling_config=ScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu,
             resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})},
@@ -105,33 +109,58 @@ def run_training(job: TrainJob, address: str | None = None, register: bool = Tru
             failure_config=FailureConfig(max_failures=s.max_failures),
         ),
     )
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(job.tracking.mlflow_uri)
     try:
         result = trainer.fit()
     except Exception as e:
-        client.set_terminated(run_id, status="FAILED")
+        _terminate(spec, run_id, "FAILED")
+        if owns_ray:  # stop streaming worker logs, so the error is the last line printed
+            ray.shutdown()
         raise PipelineError(f"training run {s.name!r} failed: {_root_cause(e)}") from e
     if result.checkpoint is None:
         raise PipelineError(f"training run {s.name!r} produced no checkpoint")
+    from pipeline.train import checkpoint
+
+    with result.checkpoint.as_directory() as cdir:
+        run_id = checkpoint.load(cdir, with_optimizer=False)["state"]["mlflow_run_id"] or run_id
+    # MLflow may be down now: wait a bounded time (creating the run if it never existed)
+    reachable = wait_for_run(spec, mlflow_wait())
+    run_id = run_id or reachable
     version = uri = None
-    if register:
-        version, uri = register_model(job, run_id, result.checkpoint)
-    client.set_terminated(run_id, status="FINISHED")
+    if register and reachable:
+        try:
+            version, uri = register_model(job, run_id, result.checkpoint)
+        except Exception as e:
+            raise PipelineError(
+                f"training run {s.name!r} finished (checkpoint {result.checkpoint.path}) but "
+                f"registering the model at {public_uri(spec.uri)} failed: {_root_cause(e)}"
+            ) from e
+    elif register:
+        print(f"warning: MLflow at {public_uri(spec.uri)} unreachable; the model is not "
+              f"registered (checkpoint {result.checkpoint.path})", flush=True)
+    if reachable:
+        _terminate(spec, run_id, "FINISHED")
     ckpt_url = result.checkpoint.path
     if "://" in s.storage_path and "://" not in ckpt_url:
         ckpt_url = f"{s.storage_path.split('://')[0]}://{ckpt_url}"
-    print(f"MLflow run {run_id} | checkpoint {ckpt_url}"
+    print(f"MLflow run {run_id or '(none: MLflow unreachable)'} | checkpoint {ckpt_url}"
           + (f" | model {uri} (version {version}, alias {job.tracking.alias})" if uri else ""), flush=True)
     return TrainResult(run_id, ckpt_url, dict(result.metrics or {}), version, uri)
 
 
 def _root_cause(e: BaseException) -> str:
+    """One line: the exception a worker (lowest failing rank) or the controller raised."""
+    failures = getattr(e, "worker_failures", None) or {}
+    if failures:
+        e = failures[min(failures)]
+    e = getattr(e, "controller_failure", None) or e
+    e = getattr(e, "cause", None) or e  # a RayTaskError wraps the user's exception
     while e.__cause__ is not None:
         e = e.__cause__
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[-1] if text else ''}"
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    text = (lines[0] if isinstance(e, PipelineError) else lines[-1]) if lines else ""
+    text = re.sub(r"^(?:[A-Za-z_][\w]*\.)+(\w+: )", r"\1", text)  # pkg.mod.Error: -> Error:
+    named = re.match(r"^\w+(Error|Exception|Exit|Interrupt): ", text)
+    return text if named else f"{type(e).__name__}: {text}"
 
 
 def register_model(job: TrainJob, run_id: str, ckpt) -> tuple[str, str]:

@@ -13,31 +13,20 @@ import os
 import signal
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import ray.train
 import torch
-from torch import nn
 
-from pipeline.config import TrainJob, build, flatten, to_dict
+from pipeline.config import TrainJob, build, to_dict
 from pipeline.data.stream import ShardStream, make_loader
-from pipeline.errors import PipelineError
 from pipeline.images import grid
 from pipeline.model import VAE, elbo_terms, evaluate, kl_warmup
 from pipeline.train import checkpoint
 from pipeline.train.metrics import WorkerMetrics
-from pipeline.train.tracking import Tracker
-
-
-class Objective(nn.Module):
-    """The negative ELBO as a module, so DDP's forward hooks see it and all-reduce gradients."""
-
-    def __init__(self, vae: VAE):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, x: torch.Tensor, kl_weight: float, free_bits: float) -> dict:
-        return elbo_terms(self.vae, x, kl_weight=kl_weight, free_bits=free_bits)
+from pipeline.train.step import BadSamples, Objective, SkipBudget, train_step
+from pipeline.train.tracking import RunSpec, Tracker, mlflow_wait
 
 
 def lr_lambda(warmup: int, total: int):
@@ -56,7 +45,7 @@ def lr_lambda(warmup: int, total: int):
 
 def _fault_hooks(step: int, rank: int, loss: torch.Tensor) -> torch.Tensor:
     """Test-only fault injection, driven by env vars the fault tests set on the cluster."""
-    if os.environ.get("PIPELINE_FAULT_NAN_STEP") == str(step):
+    if str(step) in os.environ.get("PIPELINE_FAULT_NAN_STEP", "").split(","):
         loss = loss * float("nan")
     kill = os.environ.get("PIPELINE_FAULT_KILL_STEP")
     marker = os.environ.get("PIPELINE_FAULT_MARKER", "")
@@ -68,9 +57,21 @@ def _fault_hooks(step: int, rank: int, loss: torch.Tensor) -> torch.Tensor:
     return loss
 
 
+def _gather(counts: dict[str, int], world: int) -> list[dict[str, int]]:
+    """Every rank's ``counts`` (a collective: all ranks call it at the same step)."""
+    import torch.distributed as dist
+
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [counts]
+    out: list = [None] * world
+    dist.all_gather_object(out, counts)
+    return out
+
+
 def train_loop(loop_config: dict) -> None:
     job: TrainJob = build(TrainJob, loop_config["job"])
-    run_id: str = loop_config["mlflow_run_id"]
+    run_id: str = loop_config["mlflow_run_id"]  # "" if MLflow was down when the driver started
+    spec = RunSpec(**loop_config["mlflow_run"])
     o, d = job.optim, job.data
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -85,7 +86,8 @@ def train_loop(loop_config: dict) -> None:
     total = o.max_steps or per_epoch * o.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.warmup_steps, total))
     ema = copy.deepcopy(vae).requires_grad_(False) if o.ema_decay > 0 else None
-    step, epoch, skipped = 0, 0, 0
+    step, epoch = 0, 0
+    budget, bad = SkipBudget(o.max_skipped_steps), BadSamples()
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -97,8 +99,11 @@ def train_loop(loop_config: dict) -> None:
         opt.load_state_dict(saved["optim"]["optimizer"])
         sched.load_state_dict(saved["optim"]["scheduler"])
         s = saved["state"]
-        step, epoch, skipped = s["step"], s["epoch"], s["skipped_steps"]
-        run_id = s["mlflow_run_id"]
+        step, epoch = s["step"], s["epoch"]
+        budget.count = s["skipped_steps"]
+        if rank == 0:  # the run totals, counted once (rank 0 holds them)
+            bad = BadSamples(s.get("bad_samples"))
+        run_id = s["mlflow_run_id"] or run_id
         stream.load_state_dict(s["data"])
         if rank == 0:
             print(f"resumed from checkpoint at epoch {epoch} step {step}", flush=True)
@@ -107,7 +112,7 @@ def train_loop(loop_config: dict) -> None:
 
     model = ray.train.torch.prepare_model(Objective(vae))
     device = next(vae.parameters()).device
-    tracker = Tracker(job.tracking.mlflow_uri, run_id) if rank == 0 else None
+    tracker = Tracker(spec, run_id) if rank == 0 else None
     port = job.tracking.metrics_port
     port = port + ctx.get_local_rank() if port > 0 else port  # one port per worker on a node
     metrics = WorkerMetrics(job.scaling.name, rank, port, job.tracking.metrics_sd_dir,
@@ -116,14 +121,16 @@ def train_loop(loop_config: dict) -> None:
     if rank == 0 and d.test_url:
         test_stream = ShardStream(d, rank=0, world_size=1, batch_size=o.batch_size, split="test")
 
-    def save_and_report(extra: dict, images: bool = False) -> None:
+    def save_and_report(extra: dict) -> None:
         """Every rank calls this at the same step; rank 0 attaches the checkpoint."""
         t0 = time.perf_counter()
         report = {"step": step, "epoch": epoch, **extra}
+        totals = bad.totals(_gather(dict(bad.own), world)[1:])
         if rank != 0:
             ray.train.report(report, checkpoint=None)
             return
-        state = {"step": step, "epoch": epoch, "skipped_steps": skipped, "mlflow_run_id": run_id,
+        state = {"step": step, "epoch": epoch, "skipped_steps": budget.count,
+                 "bad_samples": totals, "mlflow_run_id": tracker.run_id,
                  "data": stream.state_dict(), "config": to_dict(job)}
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint.save(tmp, model=vae, state=state, optimizer=opt, scheduler=sched, ema=ema)
@@ -133,85 +140,88 @@ def train_loop(loop_config: dict) -> None:
         tracker.flush()  # metrics reach MLflow only once their step is checkpointed
 
     keys_dir = os.environ.get("PIPELINE_RECORD_KEYS_DIR")  # tests: which rank saw which sample
-    imgs_t0, imgs, bad_seen = time.perf_counter(), 0, 0
+    imgs_t0, imgs = time.perf_counter(), 0
     wait = busy = 0.0
-    while epoch < o.epochs and (not o.max_steps or step < o.max_steps):
-        t_fetch = time.perf_counter()
-        for batch in make_loader(stream):
-            x = batch["image"].to(device, non_blocking=True)
-            if keys_dir:
-                with open(Path(keys_dir) / f"rank{rank}.txt", "a") as f:
-                    f.write("".join(f"{epoch} {step + 1} {k}\n" for k in batch["key"]))
-            t_ready = time.perf_counter()
-            wait += t_ready - t_fetch
-            beta = o.kl_weight * kl_warmup(step, o.kl_warmup_steps)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=o.bf16):
-                out = model(x, beta, o.free_bits)
-            loss = _fault_hooks(step + 1, rank, out["loss"])
-            if not torch.isfinite(loss):
-                # NaN into every gradient: DDP all-reduces it, so every rank skips this step.
-                loss = sum((p * float("nan")).sum() for p in vae.parameters() if p.requires_grad)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(vae.parameters(), o.grad_clip or float("inf"))
-            if torch.isfinite(gnorm):
-                opt.step()
-                if ema is not None:
-                    with torch.no_grad():
-                        for pe, p in zip(ema.parameters(), vae.parameters()):
-                            pe.lerp_(p, 1 - o.ema_decay)
-            else:
-                skipped += 1
-                metrics.skipped_steps.inc()
-                if skipped > o.max_skipped_steps:
-                    raise PipelineError(
-                        f"{skipped} steps skipped for a non-finite loss or gradient "
-                        f"(optim.max_skipped_steps={o.max_skipped_steps}); lower optim.lr or check the data")
-            sched.step()
-            step += 1
-            imgs += x.shape[0]
-            t_done = time.perf_counter()
-            busy += t_done - t_ready
-            metrics.step_seconds.observe(t_done - t_fetch)
-            metrics.data_wait_seconds.observe(t_ready - t_fetch)
-            metrics.images.inc(x.shape[0])
-            metrics.step.set(step)
-            if step % o.log_every == 0:
-                dt = time.perf_counter() - imgs_t0
-                ips = imgs * world / dt
-                stats = stream.stats()
-                metrics.images_per_second.set(imgs / dt)
-                metrics.loss.set(float(out["loss"]))
-                metrics.bits_per_dim.set(float(out["bits_per_dim"]))
-                metrics.data_wait_fraction.set(wait / max(wait + busy, 1e-9))
-                metrics.bad_samples.inc(max(0, stats["bad_samples"] - bad_seen))
-                bad_seen = max(bad_seen, stats["bad_samples"])
-                if rank == 0:
-                    row = {"loss": float(out["loss"]), "neg_elbo_bits_per_dim": float(out["bits_per_dim"]),
-                           "rate_bits": float(out["rate_bits"]),
-                           "distortion_bits": float(out["distortion_bits"]),
-                           "grad_norm": float(gnorm), "lr": sched.get_last_lr()[0],
-                           "images_per_second": ips, "data_wait_fraction": wait / max(wait + busy, 1e-9),
-                           "skipped_steps": skipped, "bad_samples": stats["bad_samples"],
-                           "kl_weight": beta, "epoch": epoch}
-                    tracker.metrics(row, step)
-                    print(f"epoch {epoch} step {step}/{total} | {ips:,.0f} img/s | "
-                          f"-ELBO {row['neg_elbo_bits_per_dim']:.4f} bits/dim | "
-                          f"rate {row['rate_bits']:.1f} bits | wait {row['data_wait_fraction']:.0%}",
-                          flush=True)
-                imgs_t0, imgs, wait, busy = time.perf_counter(), 0, 0.0, 0.0
-            if o.checkpoint_every and step % o.checkpoint_every == 0 and step % per_epoch:
-                save_and_report({})
-            if o.max_steps and step >= o.max_steps:
-                break
+    try:
+        while epoch < o.epochs and (not o.max_steps or step < o.max_steps):
             t_fetch = time.perf_counter()
-        epoch += 1
-        stream.set_epoch(epoch)
-        ev = {}
-        if rank == 0:
-            ev = _evaluate(vae if ema is None else ema, test_stream, o, device, tracker, step)
-        save_and_report(ev)
-    metrics.close()
+            for batch in make_loader(stream):
+                x = batch["image"].to(device, non_blocking=True)
+                metrics.bad_samples.inc(bad.add(batch["skipped"]))
+                if keys_dir:
+                    with open(Path(keys_dir) / f"rank{rank}.txt", "a") as f:
+                        f.write("".join(f"{epoch} {step + 1} {k}\n" for k in batch["key"]))
+                t_ready = time.perf_counter()
+                wait += t_ready - t_fetch
+                beta = o.kl_weight * kl_warmup(step, o.kl_warmup_steps)
+                res = train_step(model, vae, opt, x, kl_weight=beta, free_bits=o.free_bits,
+                                 grad_clip=o.grad_clip, bf16=o.bf16, ema=ema,
+                                 ema_decay=o.ema_decay,
+                                 inject=partial(_fault_hooks, step + 1, rank))
+                out = res.out
+                if res.skipped:
+                    metrics.skipped_steps.inc()
+                    if rank == 0:
+                        print(f"step {step + 1}: non-finite loss or gradient, step skipped "
+                              f"({budget.count + 1} so far)", flush=True)
+                budget.record(res.skipped)
+                sched.step()
+                step += 1
+                imgs += x.shape[0]
+                t_done = time.perf_counter()
+                busy += t_done - t_ready
+                metrics.step_seconds.observe(t_done - t_fetch)
+                metrics.data_wait_seconds.observe(t_ready - t_fetch)
+                metrics.images.inc(x.shape[0])
+                metrics.step.set(step)
+                if step % o.log_every == 0:
+                    dt = time.perf_counter() - imgs_t0
+                    ips = imgs * world / dt
+                    wait_frac = wait / max(wait + busy, 1e-9)
+                    metrics.images_per_second.set(imgs / dt)
+                    metrics.loss.set(float(out["loss"]))
+                    metrics.bits_per_dim.set(float(out["bits_per_dim"]))
+                    metrics.data_wait_fraction.set(wait_frac)
+                    totals = bad.totals(_gather(dict(bad.own), world)[1:])
+                    if rank == 0:
+                        row = {"loss": float(out["loss"]),
+                               "neg_elbo_bits_per_dim": float(out["bits_per_dim"]),
+                               "rate_bits": float(out["rate_bits"]),
+                               "distortion_bits": float(out["distortion_bits"]),
+                               "grad_norm": float(res.grad_norm), "lr": sched.get_last_lr()[0],
+                               "images_per_second": ips, "data_wait_fraction": wait_frac,
+                               "skipped_steps": budget.count, **BadSamples.as_metrics(totals),
+                               "kl_weight": beta, "epoch": epoch}
+                        tracker.metrics(row, step)
+                        print(f"epoch {epoch} step {step}/{total} | {ips:,.0f} img/s | "
+                              f"-ELBO {row['neg_elbo_bits_per_dim']:.4f} bits/dim | "
+                              f"rate {row['rate_bits']:.1f} bits | wait {wait_frac:.0%}",
+                              flush=True)
+                    imgs_t0, imgs, wait, busy = time.perf_counter(), 0, 0.0, 0.0
+                if o.checkpoint_every and step % o.checkpoint_every == 0 and step % per_epoch:
+                    save_and_report({})
+                if o.max_steps and step >= o.max_steps:
+                    break
+                t_fetch = time.perf_counter()
+            epoch += 1
+            stream.set_epoch(epoch)
+            bad.epoch.clear()
+            ev = {}
+            if rank == 0:
+                ev = _evaluate(vae if ema is None else ema, test_stream, o, device, tracker, step)
+            save_and_report(ev)
+        if tracker is not None and not tracker.flush(wait=mlflow_wait()):
+            print(f"warning: MLflow at {tracker.uri} still unreachable at the end of training; "
+                  f"{tracker.pending} metric points and images were not logged", flush=True)
+    except BaseException:
+        metrics.bad_samples.inc(bad.reconcile(stream.stats()["bad_reasons"]))
+        if tracker is not None:  # what was counted up to the failure (bad samples, skips)
+            tracker.metrics({"skipped_steps": budget.count,
+                             **BadSamples.as_metrics(bad.totals())}, step)
+            tracker.flush()
+        raise
+    finally:
+        metrics.close(linger=float(os.environ.get("PIPELINE_METRICS_LINGER", "0")))
 
 
 @torch.no_grad()
@@ -255,8 +265,3 @@ def _evaluate(vae: VAE, test_stream, o, device, tracker: Tracker, step: int) -> 
         return ev
     finally:
         vae.train()
-
-
-def config_params(job: TrainJob) -> dict[str, str]:
-    """The flattened config as MLflow params (values as strings, capped at MLflow's limit)."""
-    return {k: str(v)[:6000] for k, v in flatten(to_dict(job)).items()}

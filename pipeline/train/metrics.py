@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -60,7 +61,10 @@ class WorkerMetrics:
                 tmp.write_text(json.dumps(target))
                 tmp.replace(self.sd_file)  # Prometheus never reads a half-written target file
 
-    def close(self) -> None:
+    def close(self, linger: float = 0.0) -> None:
+        """Stop serving; ``linger`` seconds first, so Prometheus scrapes the final values."""
+        if linger > 0 and self.port is not None:
+            time.sleep(linger)
         if self.sd_file is not None:
             self.sd_file.unlink(missing_ok=True)
         if self.port is not None:

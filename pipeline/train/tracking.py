@@ -3,6 +3,11 @@
 Only rank 0 holds a :class:`Tracker`. Metrics are buffered and flushed when a checkpoint
 is written, so after a worker failure the steps replayed from the last checkpoint are
 logged once: the run's step axis has no gaps and no repeats.
+
+MLflow may be down when training starts: the driver waits a bounded time
+(``PIPELINE_MLFLOW_WAIT`` seconds) for it, then trains anyway with an empty run id. The
+Tracker creates (or finds) the run the first time MLflow answers, from the :class:`RunSpec`
+the driver handed down, and flushes everything buffered since step 1.
 """
 
 from __future__ import annotations
@@ -10,12 +15,21 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from pipeline.config import TrainJob, flatten, to_dict
 
 log = logging.getLogger(__name__)
 
 MAX_BUFFER = 200_000  # metric points kept while the server is down
 BATCH = 1000  # MLflow's log_batch limit
+RUN_TAG = "pipeline.ray_run"
+STORE_TAG = "pipeline.storage_path"
+WAIT_ENV = "PIPELINE_MLFLOW_WAIT"
+DEFAULT_WAIT = 30.0  # seconds the driver (start, end) and the last flush wait for MLflow
+RETRY_MIN, RETRY_MAX = 2.0, 30.0  # seconds between attempts while MLflow is down
 
 
 def configure_client_timeouts(timeout: int = 10, retries: int = 1) -> None:
@@ -25,28 +39,130 @@ def configure_client_timeouts(timeout: int = 10, retries: int = 1) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 
-class Tracker:
-    """Buffered metric and image logging into one existing MLflow run."""
+def public_uri(uri: str) -> str:
+    """``uri`` without any ``user:password@`` part, for messages."""
+    scheme, sep, rest = uri.partition("://")
+    host, slash, path = rest.partition("/")
+    return f"{scheme}{sep}{host.rsplit('@', 1)[-1]}{slash}{path}" if sep else uri
 
-    def __init__(self, uri: str, run_id: str, probe: str = "loss"):
+
+def mlflow_wait() -> float:
+    """Seconds to wait for an unreachable MLflow where waiting is worth it (env override)."""
+    try:
+        return max(0.0, float(os.environ.get(WAIT_ENV, DEFAULT_WAIT)))
+    except ValueError:
+        return DEFAULT_WAIT
+
+
+def storage_path(path: str) -> str:
+    """``path`` as Ray Train and the run's tag see it: a URL, or an absolute local path."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def config_params(job: TrainJob) -> dict[str, str]:
+    """The flattened config as MLflow params (values as strings, capped at MLflow's limit)."""
+    return {k: str(v)[:6000] for k, v in flatten(to_dict(job)).items()}
+
+
+@dataclass
+class RunSpec:
+    """Everything needed to find or create a training job's MLflow run, built on the driver
+    (where relative storage paths resolve) and handed to rank 0."""
+
+    uri: str
+    experiment: str
+    run_name: str
+    tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_job(cls, job: TrainJob) -> RunSpec:
+        store = storage_path(job.scaling.storage_path)
+        return cls(job.tracking.mlflow_uri, job.tracking.experiment, job.scaling.name,
+                   {RUN_TAG: job.scaling.name, STORE_TAG: store}, config_params(job))
+
+
+def find_or_create_run(spec: RunSpec, client=None, create: bool = True) -> str:
+    """The unfinished run tagged with this Ray run name + storage path, else a new one with
+    the params logged ("" if none and not ``create``). Raises whatever MLflow raises."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    configure_client_timeouts()
+    client = client or MlflowClient(spec.uri)
+    exp = client.get_experiment_by_name(spec.experiment)
+    if exp is None:
+        if not create:
+            return ""
+        try:
+            exp_id = client.create_experiment(spec.experiment)
+        except Exception:  # created concurrently
+            exp = client.get_experiment_by_name(spec.experiment)
+            if exp is None:
+                raise
+            exp_id = exp.experiment_id
+    else:
+        exp_id = exp.experiment_id
+    found = client.search_runs(
+        [exp_id], filter_string=" and ".join(f"tags.`{k}` = '{v}'" for k, v in spec.tags.items()),
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    if found and found[0].info.status != "FINISHED":
+        return found[0].info.run_id
+    if not create:
+        return ""
+    run = client.create_run(exp_id, run_name=spec.run_name, tags=dict(spec.tags))
+    items = list(spec.params.items())
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
+    return run.info.run_id
+
+
+def wait_for_run(spec: RunSpec, wait: float, create: bool = True) -> str:
+    """:func:`find_or_create_run`, retried for ``wait`` seconds; "" if MLflow stayed down."""
+    deadline = time.monotonic() + wait
+    delay = 1.0
+    while True:
+        try:
+            return find_or_create_run(spec, create=create)
+        except Exception as e:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("MLflow at %s unreachable (%s)", public_uri(spec.uri),
+                            type(e).__name__)
+                return ""
+            time.sleep(min(delay, left))
+            delay = min(2 * delay, 8.0)
+
+
+class Tracker:
+    """Buffered metric and image logging into one MLflow run (created lazily if need be).
+
+    Args:
+        spec: how to find or create the run.
+        run_id: the run, or "" when MLflow was down at start: created at the first flush
+            that reaches MLflow.
+        probe: a metric logged every ``log_every`` steps, used to find the last step MLflow
+            already has.
+    """
+
+    def __init__(self, spec: RunSpec, run_id: str = "", probe: str = "loss"):
         from mlflow.tracking import MlflowClient
 
         configure_client_timeouts()
-        self.client = MlflowClient(uri)
-        self.uri, self.run_id = uri, run_id
+        self.client = MlflowClient(spec.uri)
+        self.spec, self.uri, self.run_id, self.probe = spec, public_uri(spec.uri), run_id, probe
         self._metrics: list[Any] = []
         self._images: list[tuple[Any, str, int]] = []
-        self._warned = False
+        self._down = False
+        self._next_try = 0.0
+        self._retry = RETRY_MIN
         self.dropped = 0
         # After a failure Ray may resume from a checkpoint older than the last flush (the
         # controller registers checkpoints asynchronously): steps MLflow already has are not
-        # logged again, so the step axis never repeats.
+        # logged again, so the step axis never repeats. Learnt at the first flush that works.
         self.logged_through = -1
-        try:
-            history = self.client.get_metric_history(run_id, probe)
-            self.logged_through = max((m.step for m in history), default=-1)
-        except Exception:
-            pass  # MLflow down: the checkpoint's own flush point is the best we know
+        self._synced = False
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -63,9 +179,44 @@ class Tracker:
         if step > self.logged_through:
             self._images.append((array, key, step))
 
-    def flush(self) -> bool:
-        """Send everything buffered. Returns False (and keeps the buffer) if MLflow is down."""
+    @property
+    def pending(self) -> int:
+        """Metric points and images not yet in MLflow."""
+        return len(self._metrics) + len(self._images)
+
+    def _sync(self) -> None:
+        """Attach to the run (creating it if need be) and drop what MLflow already has."""
+        if not self.run_id:
+            self.run_id = find_or_create_run(self.spec, self.client)
+            print(f"MLflow run {self.run_id} attached", flush=True)
+        history = self.client.get_metric_history(self.run_id, self.probe)
+        self.logged_through = max((m.step for m in history), default=-1)
+        self._metrics = [m for m in self._metrics if m.step > self.logged_through]
+        self._images = [i for i in self._images if i[2] > self.logged_through]
+        self._synced = True
+
+    def flush(self, wait: float = 0.0) -> bool:
+        """Send everything buffered; with ``wait``, keep trying that many seconds.
+
+        Returns False (and keeps the buffer) if MLflow is down. While it is down, attempts
+        are spaced ``RETRY_MIN``..``RETRY_MAX`` seconds apart so a hung server costs training
+        at most one request timeout per interval.
+        """
+        deadline = time.monotonic() + wait
+        while True:
+            if self._attempt():
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(max(self._next_try - time.monotonic(), 0.5), left))
+
+    def _attempt(self) -> bool:
+        if self._down and time.monotonic() < self._next_try:
+            return False
         try:
+            if not self._synced:
+                self._sync()
             while self._metrics:
                 self.client.log_batch(self.run_id, metrics=self._metrics[:BATCH])
                 self._metrics = self._metrics[BATCH:]
@@ -74,13 +225,17 @@ class Tracker:
                 self.client.log_image(self.run_id, array, key=key, step=step)
                 self._images.pop(0)
         except Exception as e:  # server down, timeout, 5xx: keep buffering, never crash training
-            if not self._warned:
-                log.warning("MLflow at %s unreachable (%s); buffering %d points and retrying "
-                            "at the next checkpoint", self.uri, type(e).__name__, len(self._metrics))
-                print(f"warning: MLflow at {self.uri} unreachable; buffering metrics", flush=True)
-                self._warned = True
+            if not self._down:
+                log.warning("MLflow at %s unreachable (%s); buffering %d points and retrying",
+                            self.uri, type(e).__name__, self.pending)
+                print(f"warning: MLflow at {self.uri} unreachable ({type(e).__name__}); "
+                      f"training continues, metrics buffered", flush=True)
+                self._down, self._retry = True, RETRY_MIN
+            else:
+                self._retry = min(2 * self._retry, RETRY_MAX)
+            self._next_try = time.monotonic() + self._retry
             return False
-        if self._warned:
+        if self._down:
             print(f"MLflow at {self.uri} reachable again; buffered metrics flushed", flush=True)
-            self._warned = False
+            self._down = False
         return True
