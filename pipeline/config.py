@@ -163,6 +163,7 @@ class ScalingConfig:
     storage_path: str = ".data/ray_results"
     name: str = "vae"
     max_failures: int = 2
+    controller_failure_limit: int = 3  # e.g. a node that never returns: fail, don't hang
     num_to_keep: int = 2
 
     def __post_init__(self):
@@ -174,6 +175,9 @@ class ScalingConfig:
             raise ConfigError("gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
         if self.max_failures < -1:
             raise ConfigError("max_failures", f"must be >= -1 (-1: unlimited), got {self.max_failures}")
+        if self.controller_failure_limit < -1:
+            raise ConfigError("controller_failure_limit",
+                              f"must be >= -1 (-1: unlimited), got {self.controller_failure_limit}")
         if self.num_to_keep < 1:
             raise ConfigError("num_to_keep", f"must be >= 1, got {self.num_to_keep}")
         if not self.name or "/" in self.name:

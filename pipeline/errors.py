@@ -25,7 +25,7 @@ class ConfigError(PipelineError, ValueError):
         key = f"{self.key}: " if self.key else ""
         return f"{where}{key}{self.msg}"
 
-    def within(self, prefix: str = "", file: str | None = None) -> "ConfigError":
+    def within(self, prefix: str = "", file: str | None = None) -> ConfigError:
         """The same error with ``prefix.`` prepended to its key and ``file`` set."""
         key = f"{prefix}.{self.key}" if prefix and self.key else (prefix or self.key)
         return ConfigError(key, self.msg, file or self.file)

@@ -11,8 +11,8 @@ from pipeline.errors import PipelineError
 
 # Never shipped to the cluster: keeps the upload under Ray's 100 MiB working_dir cap.
 DEFAULT_EXCLUDES = [
-    ".git", ".venv", ".stack", ".cache", ".data", "data", "mlruns", "**/__pycache__",
-    "*.egg-info", ".pytest_cache", ".ruff_cache", "bench/results",
+    ".git", ".venv", ".stack", ".cache", ".data", "/data", "mlruns", "**/__pycache__",
+    "*.egg-info", ".pytest_cache", ".ruff_cache", "/bench/results*",
 ]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 

@@ -106,7 +106,8 @@ def run_training(job: TrainJob, address: str | None = None, register: bool = Tru
         run_config=RunConfig(
             name=s.name, storage_path=storage_path(s.storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=s.num_to_keep),
-            failure_config=FailureConfig(max_failures=s.max_failures),
+            failure_config=FailureConfig(max_failures=s.max_failures,
+                                         controller_failure_limit=s.controller_failure_limit),
         ),
     )
     try:
