@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -16,15 +17,20 @@ from pipeline.errors import PipelineError
 
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD",
               "MLFLOW_TRACKING_TOKEN", "RAY_AUTH_TOKEN")
+_SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|CREDENTIAL|PRIVATE_KEY", re.IGNORECASE)
+_NOT_SECRET = re.compile(r"_(PATH|FILE|DIR|MODE)$", re.IGNORECASE)  # RAY_AUTH_TOKEN_PATH: a path
+_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s@:]+:[^/\s@]+@", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
-    """Replace the value of every secret environment variable in ``text`` with ``***``."""
-    for name in SECRET_ENV:
-        value = os.environ.get(name)
-        if value and len(value) >= 4:
+    """``text`` with the value of every secret-looking environment variable (``SECRET_ENV``
+    and any name with SECRET, PASSWORD, TOKEN, CREDENTIAL) and any ``user:password@`` in a
+    URL replaced by ``***``."""
+    for name, value in os.environ.items():
+        secret = name in SECRET_ENV or (_SECRET_NAME.search(name) and not _NOT_SECRET.search(name))
+        if secret and value and len(value) >= 4:
             text = text.replace(value, "***")
-    return text
+    return _USERINFO.sub(r"\1***@", text)
 
 
 def _load(path: str, kind: str | None = None):
@@ -183,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args) or 0
     except PipelineError as e:
-        print(redact(f"error: {e}"), file=sys.stderr)
+        text = re.sub(r"\s*[\r\n]+\s*", " ", str(e).strip())  # one line, whatever it held
+        print(redact(f"error: {text}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

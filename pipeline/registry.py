@@ -6,8 +6,10 @@ its weights load from safetensors: no pickle runs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +59,17 @@ class LoadedModel:
     metrics: dict = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def _quiet(logger: str):
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
@@ -103,7 +116,10 @@ def load(ref: ModelRef, version: str | None = None, mv=None) -> LoadedModel:
 
             local = storage.download_dir(ref.checkpoint_url, tmp)
             saved = checkpoint.load(local, with_optimizer=False)
-            cfg = saved["state"]["config"]["model"]
+            cfg = (saved["state"].get("config") or {}).get("model")
+            if not isinstance(cfg, dict):
+                raise checkpoint.CheckpointError(
+                    f"{ref.checkpoint_url}: state.json holds no model config (config.model)")
             vae = build_model(cfg)
             vae.load_state_dict(saved["ema"] if saved["ema"] is not None else saved["model"])
             return LoadedModel(vae.eval(), ref.name or "checkpoint", version,
@@ -111,10 +127,22 @@ def load(ref: ModelRef, version: str | None = None, mv=None) -> LoadedModel:
         import mlflow
 
         mlflow.set_tracking_uri(ref.tracking_uri)
-        local = Path(mlflow.artifacts.download_artifacts(f"models:/{ref.name}/{version}", dst_path=tmp))
-        meta = json.loads(next(local.rglob("config.json")).read_text())
+        uri = f"models:/{ref.name}/{version}"
+        try:
+            with _quiet("mlflow"):  # its INFO lines would precede our one error line
+                local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tmp))
+        except Exception as e:  # MLflow or its artifact store down, artifacts deleted
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise PipelineError(f"{uri}: cannot download the model from {ref.tracking_uri} "
+                                f"({type(e).__name__}: {first})") from None
+        config = next(local.rglob("config.json"), None)
+        weights = next(local.rglob("weights.safetensors"), None)
+        if config is None or weights is None:
+            raise PipelineError(f"{uri}: not a model of this pipeline (no config.json and "
+                                f"weights.safetensors among its artifacts)")
+        meta = json.loads(config.read_text())
         vae = build_model(meta["model"])
-        vae.load_state_dict(load_weights(next(local.rglob("weights.safetensors")).read_bytes()))
+        vae.load_state_dict(load_weights(weights.read_bytes()))
     run_id = mv.run_id or meta.get("train_run_id", "")
     metrics = dict(_client(ref.tracking_uri).get_run(run_id).data.metrics) if run_id else {}
     return LoadedModel(vae.eval(), ref.name, version, run_id, meta["model"], metrics)

@@ -8,6 +8,7 @@ stored with it; this module never imports the training loop.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
 import json
@@ -19,8 +20,10 @@ import torch
 
 from pipeline import storage
 from pipeline.config import SampleConfig, SampleJob, to_dict
+from pipeline.errors import PipelineError
 from pipeline.images import grid, png_bytes
 from pipeline.registry import LoadedModel, ModelRef, load, resolve
+from pipeline.train.tracking import public_uri
 
 MARKER = "_SUCCESS.json"
 
@@ -106,6 +109,7 @@ def run_sample(job: SampleJob, if_new_version: bool = False) -> str | None:
         print(f"nothing to do: gallery complete at {url}/index.html")
         return None
     m = load(ref, version, mv)
+    _check_tracking(job)  # before any output: the gallery is logged there at the end
     if s.num_samples:
         from pipeline.sample_large import generate
 
@@ -113,15 +117,37 @@ def run_sample(job: SampleJob, if_new_version: bool = False) -> str | None:
     t0 = time.perf_counter()
     files = make_gallery(m, s, _held_out(s, m.model_config))
     files["index.html"] = index_html(m, [f for f in files if f.endswith(".png")], s)
-    for name, data in files.items():
-        storage.put_atomic(storage.join(url, name), data)
-    run_id = _log_mlflow(job, m, files, url)
+    written: list[str] = []
+    try:
+        for name, data in files.items():
+            storage.put_atomic(storage.join(url, name), data)
+            written.append(name)
+        run_id = _log_mlflow(job, m, files, url)
+    except Exception as e:  # no half gallery left behind: a re-run starts clean
+        for name in written:
+            with contextlib.suppress(Exception):
+                storage.remove(storage.join(url, name), retries=0)
+        if isinstance(e, PipelineError):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise PipelineError(f"gallery {url}: {type(e).__name__}: {first}") from e
     marker = {"model": s.model_name, "version": version, "train_run_id": m.train_run_id,
               "gallery_run_id": run_id, "files": sorted(files), "config": to_dict(s),
               "seconds": round(time.perf_counter() - t0, 3)}
     storage.put_atomic(storage.join(url, MARKER), json.dumps(marker, indent=1).encode())
     print(f"gallery written: {url}/index.html")
     return url
+
+
+def _check_tracking(job: SampleJob) -> None:
+    """One clear line now if MLflow is unreachable, instead of a failure after the output."""
+    from pipeline.registry import _client
+
+    uri = job.tracking.mlflow_uri
+    try:
+        _client(uri).search_experiments(max_results=1)
+    except Exception as e:
+        raise PipelineError(f"MLflow at {public_uri(uri)} unreachable ({type(e).__name__})") from None
 
 
 def _log_mlflow(job: SampleJob, m: LoadedModel, files: dict[str, bytes], url: str) -> str:

@@ -238,4 +238,8 @@ class Tracker:
         if self._down:
             print(f"MLflow at {self.uri} reachable again; buffered metrics flushed", flush=True)
             self._down = False
+        if self.dropped:
+            print(f"warning: {self.dropped} metric points were dropped while MLflow was down "
+                  f"(buffer limit {MAX_BUFFER})", flush=True)
+            self.dropped = 0
         return True
