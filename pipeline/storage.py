@@ -65,6 +65,11 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
 
 
+def endpoint_of(url: str) -> str:
+    """The endpoint a URL's requests go to (for messages; never credentials)."""
+    return _endpoint(url) or "the local filesystem"
+
+
 def _endpoint(url: str) -> str:
     if _protocol(url) in ("s3", "s3a"):
         return os.environ.get("AWS_ENDPOINT_URL") or "the default AWS endpoint"

@@ -143,10 +143,6 @@ def test_s3_down_for_good_fails_naming_the_endpoint(streams_then_down, monkeypat
     assert elapsed < 60, f"took {elapsed:.0f}s"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline/data/shards.py turns a storage outage that outlives the retries into "
-    "'unreadable_shard' bad samples (padded) instead of raising: with max_bad_samples larger "
-    "than what the outage costs, the epoch 'completes' on padding. See RELIABILITY.md."))
 @pytest.mark.timeout(120)
 def test_s3_outage_is_not_bad_data(streams_then_down, monkeypatch):
     own_s3, streams = streams_then_down

@@ -221,7 +221,14 @@ class ShardReader:
                     time.sleep(delay)
                     attempt += 1
                     continue
-                transient = storage.is_transient(e) or isinstance(e, storage.StorageError)
+                cause = e.__cause__ if isinstance(e, storage.StorageError) else e
+                if cause is not None and storage.is_transient(cause):
+                    # An outage that outlived the retries is not bad data: padding over it
+                    # would train on repeats. Stop, naming the shard and the endpoint.
+                    raise storage.StorageError(
+                        f"{url}: storage unreachable at {storage.endpoint_of(url)} after "
+                        f"{attempt + 1} attempt(s) ({_why(e)})") from e
+                transient = isinstance(e, storage.StorageError)
                 reason = "unreadable_shard" if transient else "truncated_shard"
                 failure = (reason, _why(e))
             else:
