@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from webdataset import tariterators
 
 from pipeline import storage
+from pipeline.data.errors import DataError
+from pipeline.data.sources import check_member_name
 
 log = logging.getLogger(__name__)
 
@@ -244,4 +246,9 @@ class ShardReader:
                 return
             attempt = 0
             i += 1
+            try:  # a key like "../x" or "/x" is hostile even though nothing is written to disk
+                check_member_name(url, sample.get("__key__", ""))
+            except DataError as e:
+                yield {"bad": "unsafe_name", "detail": str(e), "key": "", "url": url}
+                continue
             yield sample
