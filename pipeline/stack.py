@@ -125,7 +125,10 @@ def _services(state: Path, ports: StackPorts, creds: dict[str, str]) -> list[Ser
         num_cpus=max(4, os.cpu_count() or 1),  # 2 training workers + driver; oversubscribing is ok
         # the head's env reaches every worker and job driver: S3 + MLflow without runtime_env
         env={**s3.env, "MLFLOW_TRACKING_URI": mlflow.uri,
-             "MLFLOW_S3_ENDPOINT_URL": s3.endpoint_url},
+             "MLFLOW_S3_ENDPOINT_URL": s3.endpoint_url,
+             # jobs run from a copy of the working dir, which excludes .cache
+             "PIPELINE_FASHION_MNIST_DIR": str(Path(__file__).resolve().parents[1] / ".cache/debs/fashion-mnist"
+                                               / "usr/share/datasets/fashion-mnist")},
         client_server_port=p.ray_client, dashboard_agent_port=p.ray_dashboard_agent,
         metrics_ports=(p.ray_autoscaler_metrics, p.ray_dashboard_metrics),
         worker_ports=(p.ray_worker_min, p.ray_worker_max), object_store_memory=2 * 2**30,

@@ -40,7 +40,9 @@ def find_fashion_mnist(path: str = "") -> Path:
         DataError: none of the candidates holds the idx files.
     """
     repo = Path(__file__).resolve().parents[2]
+    env = os.environ.get("PIPELINE_FASHION_MNIST_DIR")  # the local stack sets it for Ray jobs
     candidates = [Path(path)] if path else [
+        *([Path(env)] if env else []),
         Path("/") / _DEBIAN_DIR, repo / ".cache/debs/fashion-mnist" / _DEBIAN_DIR,
         Path.cwd() / ".cache/debs/fashion-mnist" / _DEBIAN_DIR]
     for c in candidates:
