@@ -233,8 +233,8 @@ def test_submit_through_the_job_server(fmnist_url, mlflow_server, ray_env, s3_en
                         "env_vars": {"OMP_NUM_THREADS": "1"}},
         "config": to_dict(job)}))
     rc = cli.main(["submit", str(spec), "--address", ray_env.dashboard_url])
-    out = capsys.readouterr().out
-    assert rc == 0, out[-3000:]
+    out, err = capsys.readouterr()
+    assert rc == 0, (out[-3000:], err[-3000:])
     assert "submitted" in out and "SUCCEEDED" in out
     assert f"step {N_TRAIN // BATCH}/{N_TRAIN // BATCH} " in out
     client = MlflowClient(mlflow_server.uri)

@@ -188,6 +188,9 @@ def register_model(job: TrainJob, run_id: str, ckpt) -> tuple[str, str]:
         params, _ = vae(torch.from_numpy(example), sample_posterior=False)
         recon = vae.likelihood.mean(params).clamp(0, 1).numpy()
     mlflow.set_tracking_uri(t.mlflow_uri)
+    # the fluent API refuses a run outside its active experiment (set by earlier calls in
+    # this process), so make the run's own experiment the active one
+    mlflow.set_experiment(experiment_id=MlflowClient(t.mlflow_uri).get_run(run_id).info.experiment_id)
     with tempfile.TemporaryDirectory() as tmp:
         wpath = Path(tmp) / "weights.safetensors"
         wpath.write_bytes(checkpoint.weights_bytes(vae))
