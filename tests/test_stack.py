@@ -289,10 +289,15 @@ def test_stack_up_idempotent_down_leaves_nothing(stack_dir, monkeypatch, prometh
                 "RAY_AUTH_MODE", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):  # fmt: skip
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("RAY_AUTH_MODE", "kept")
-    added = stack.load_stack_env(stack_dir)
-    assert "RAY_AUTH_MODE" not in added and os.environ["RAY_AUTH_MODE"] == "kept"
-    assert os.environ["AWS_SECRET_ACCESS_KEY"] == secret
-    assert os.environ["RAY_ADDRESS"] == rows[2][1]
+    saved = dict(os.environ)  # load_stack_env writes os.environ directly: restore it after
+    try:
+        added = stack.load_stack_env(stack_dir)
+        assert "RAY_AUTH_MODE" not in added and os.environ["RAY_AUTH_MODE"] == "kept"
+        assert os.environ["AWS_SECRET_ACCESS_KEY"] == secret
+        assert os.environ["RAY_ADDRESS"] == rows[2][1]
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
     # idempotent: a second up leaves every healthy service alone
     again = stack.up(stack_dir)
