@@ -179,12 +179,12 @@ def train_loop(loop_config: dict) -> None:
                     ips = imgs * world / dt
                     wait_frac = wait / max(wait + busy, 1e-9)
                     metrics.images_per_second.set(imgs / dt)
-                    metrics.loss.set(float(out["loss"]))
+                    metrics.loss.set(out["loss"].detach().item())
                     metrics.bits_per_dim.set(float(out["bits_per_dim"]))
                     metrics.data_wait_fraction.set(wait_frac)
                     totals = bad.totals(_gather(dict(bad.own), world)[1:])
                     if rank == 0:
-                        row = {"loss": float(out["loss"]),
+                        row = {"loss": out["loss"].detach().item(),
                                "neg_elbo_bits_per_dim": float(out["bits_per_dim"]),
                                "rate_bits": float(out["rate_bits"]),
                                "distortion_bits": float(out["distortion_bits"]),
