@@ -1,0 +1,118 @@
+"""Run settings (quick / full), the machine description and small statistics helpers."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Settings:
+    """Sizes and repetitions of one benchmark run; ``full()`` and ``quick()`` are the two modes.
+
+    Every count is stated in the output next to the number it produced.
+    """
+
+    mode: str
+    repeats: int  # interleaved repetitions of each measurement (medians are reported)
+    # 1. data path
+    data_count_28: int  # synthetic 28x28 PNG and the Fashion-MNIST subset
+    data_count_256: int  # synthetic 256x256 JPEG
+    data_batch: int = 64
+    data_batch_256: int = 32  # 256x256: fewer images, smaller batches, still >= 8 batches
+    data_workers: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # 2./3. training
+    batch: int = 128  # global batch
+    threads: int = 1  # torch threads per training process
+    loader_workers: int = 1  # DataLoader workers per Ray Train worker
+    train_steps: int = 200  # steps of each Ray Train run
+    log_every: int = 10
+    plain_steps: int = 100  # steps of each plain-loop repetition (after warm-up)
+    overhead_steps: int = 120  # steps of the minimal DDP loop (TorchTrainer / torchrun)
+    overhead_repeats: int = 2
+    # 4. sampling
+    sample_count: int = 8192
+    sample_batch: int = 512
+    sample_repeats: int = 3
+    # 5. quality
+    quality_cpu_seconds: float = 90.0  # CPU budget per variant (1 thread)
+    quality_test_images: int = 0  # 0: the whole 10k test split
+    iwae_k: int = 5000
+    iwae_images: int = 32
+    bpd_iwae_k: int = 100
+    bpd_iwae_images: int = 200
+
+    @classmethod
+    def full(cls) -> Settings:
+        return cls(mode="full", repeats=3, data_count_28=4096, data_count_256=512)
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(mode="quick", repeats=3, data_count_28=1024, data_count_256=256,
+                   train_steps=40, log_every=5, plain_steps=30, overhead_steps=30,
+                   overhead_repeats=1, sample_count=2048, sample_repeats=1,
+                   quality_cpu_seconds=10.0, quality_test_images=1000, iwae_k=100,
+                   iwae_images=8, bpd_iwae_k=20, bpd_iwae_images=50)
+
+
+def median(values) -> float:
+    values = list(values)
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def later_half(values: list) -> list:
+    """The second half of a series (steady state: start-up excluded)."""
+    return values[len(values) // 2:]
+
+
+def rnd(x: float, digits: int = 1) -> float:
+    return round(float(x), digits)
+
+
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b else float("nan")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict:
+    """CPU model, cores, memory, load, library versions: the context every number needs."""
+    from importlib.metadata import version
+
+    import torch
+
+    mem = 0.0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return {"cpu_model": cpu_model(), "cores": os.cpu_count(), "memory_gib": round(mem, 1),
+            "gpu": "none" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "ray": version("ray"), "pillow": version("pillow"), "kernel": platform.release(),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+class Stopwatch:
+    """``with Stopwatch() as t: ...``; then ``t.seconds``."""
+
+    def __enter__(self) -> Stopwatch:
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.t0

@@ -1,0 +1,129 @@
+"""5. Quality after a fixed CPU budget: four likelihood variants of the same VAE trained on
+Fashion-MNIST for the same CPU seconds each (one torch thread, one process per variant, run
+side by side), then evaluated on the test split.
+
+* ``discretized_logistic``: 8-bit bits/dim (ELBO on the whole test split; IWAE-k on a subset).
+* ``bernoulli``: dynamically binarized training; test NLL in nats by IWAE-k on a stated
+  subset of stochastically binarized test images (``pipeline.model.quality``).
+* ``laplace`` (L1) and ``gaussian`` (L2), fixed sigma: rate and distortion on the test split.
+
+Only training counts against the budget (``time.process_time`` of the variant's process);
+evaluation is extra and timed separately.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+from bench.common import Settings, rnd
+
+VARIANTS = ("discretized_logistic", "bernoulli", "laplace", "gaussian")
+LN2 = 0.6931471805599453
+CURVE_EVERY = 10  # steps per point of the training curve (mean over those steps)
+
+
+def _batches(x: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return [x[i:i + size] for i in range(0, len(x), size)]
+
+
+def train_variant(likelihood: str, cpu_seconds: float, batch: int, eval_options: dict) -> dict:
+    """Train one variant for ``cpu_seconds`` of this process's CPU time, then evaluate it."""
+    from bench.loops import MODEL, fmnist_images
+    from pipeline.model import VAE, elbo_terms, evaluate, preset
+    from pipeline.model.quality import (
+        binarize,
+        bits_per_dim_8bit,
+        fashion_mnist_nll,
+        quantize_8bit,
+    )
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    train = fmnist_images(0, "train")
+    test = fmnist_images(eval_options["test_images"], "test")
+    vae = VAE.from_config(preset(MODEL, likelihood=likelihood))
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+    curve, step, epoch = [], 0, 0
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    acc: dict[str, float] = {}
+    done = False
+    while not done:
+        order = torch.randperm(len(train), generator=g)
+        for i in range(0, len(train) - batch + 1, batch):
+            x = train[order[i:i + batch]]
+            x = binarize(x, g) if likelihood == "bernoulli" else quantize_8bit(x)
+            out = elbo_terms(vae, x)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            for k in ("bits_per_dim", "rate_bits", "distortion_bits"):
+                acc[k] = acc.get(k, 0.0) + float(out[k])
+            if step % CURVE_EVERY == 0:
+                curve.append({"step": step, "cpu_seconds": round(time.process_time() - cpu0, 2),
+                              "wall_seconds": round(time.perf_counter() - wall0, 2),
+                              **{k: round(v / CURVE_EVERY, 4) for k, v in acc.items()}})
+                acc = {}
+            if time.process_time() - cpu0 >= cpu_seconds:
+                done = True
+                break
+        epoch += 1
+    trained = {"steps": step, "epochs_started": epoch, "images": step * batch,
+               "cpu_seconds": round(time.process_time() - cpu0, 1),
+               "wall_seconds": round(time.perf_counter() - wall0, 1)}
+    t_eval = time.perf_counter()
+    vae.eval()
+    res: dict = {}
+    test_batches = _batches(test, 500)
+    if likelihood == "bernoulli":
+        full = fashion_mnist_nll(vae, test_batches, k=1, seed=0)
+        n, k = eval_options["iwae_images"], eval_options["iwae_k"]
+        iwae = fashion_mnist_nll(vae, [test[:n]], k=k, chunk=max(1, 2048 // n), seed=0)
+        res = {"test_neg_elbo_nats": full["neg_elbo"], "test_images": int(full["n_images"]),
+               "iwae_nll_nats": iwae["nll_iwae"], "iwae_k": k, "iwae_images": n,
+               "subset_neg_elbo_nats": iwae["neg_elbo"],
+               "rate_bits": full["rate"] / LN2, "distortion_bits": full["distortion"] / LN2}
+    else:
+        full = (bits_per_dim_8bit(vae, test_batches, k=1, seed=0) if likelihood ==
+                "discretized_logistic" else evaluate(vae, [quantize_8bit(b) for b in test_batches],
+                                                     k=1, generator=torch.Generator().manual_seed(0)))
+        res = {"test_elbo_bits_per_dim": full["elbo_bits_per_dim"],
+               "test_images": int(full["n_images"]), "rate_bits": full["rate"] / LN2,
+               "distortion_bits": full["distortion"] / LN2, "psnr_db": full["psnr"],
+               "active_units": full["active_units"]}
+        if likelihood == "discretized_logistic":
+            n, k = eval_options["bpd_iwae_images"], eval_options["bpd_iwae_k"]
+            iwae = bits_per_dim_8bit(vae, [test[:n]], k=k, chunk=max(1, 2048 // n), seed=0)
+            res |= {"iwae_bits_per_dim": iwae["bits_per_dim"], "iwae_k": k, "iwae_images": n}
+    res = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}
+    return {"likelihood": likelihood, "train": trained, "test": res, "curve": curve,
+            "eval_wall_seconds": round(time.perf_counter() - t_eval, 1)}
+
+
+def run(settings: Settings, log=print) -> dict:
+    """All variants side by side, one process each (``spawn``: no inherited threads/state)."""
+    options = {"test_images": settings.quality_test_images,
+               "iwae_k": settings.iwae_k, "iwae_images": settings.iwae_images,
+               "bpd_iwae_k": settings.bpd_iwae_k, "bpd_iwae_images": settings.bpd_iwae_images}
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(len(VARIANTS), mp_context=ctx) as pool:
+        futures = {v: pool.submit(train_variant, v, settings.quality_cpu_seconds, settings.batch,
+                                  options) for v in VARIANTS}
+        out = {v: f.result() for v, f in futures.items()}
+    for v, r in out.items():
+        log(f"quality {v}: {r['train']['steps']} steps, {r['test']}")
+    return {"config": {"model": "mnist28", "cpu_seconds_per_variant": settings.quality_cpu_seconds,
+                       "cpu_minutes_per_variant": rnd(settings.quality_cpu_seconds / 60, 2),
+                       "torch_threads": 1, "batch_size": settings.batch,
+                       "processes_side_by_side": len(VARIANTS), "optimizer": "AdamW 2e-3",
+                       "sigma_laplace_gaussian": 0.1, "data": "Fashion-MNIST 60k train / test split",
+                       **options},
+            "variants": out}

@@ -1,0 +1,267 @@
+"""Render the results: the markdown tables of ``bench/results.md`` and the training curve
+PNG (drawn with Pillow, so ``make bench`` needs nothing beyond the project's dependencies)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+PATHS = [("memory", "decode from memory (per-core limit)"), ("local", "local shards"),
+         ("s3", "S3 shards (SeaweedFS)"), ("folder", "folder, one file per image")]
+COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return out + [""]
+
+
+def _n(x, digits: int = 0) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def machine_section(r: dict) -> list[str]:
+    m, meta = r["machine"], r["meta"]
+    rows = [["CPU", f"{m['cpu_model']}, {m['cores']} cores, {m['memory_gib']} GiB, GPU: {m['gpu']}"],
+            ["software", f"Python {m['python']}, torch {m['torch']}, ray {m['ray']}, "
+                         f"Pillow {m['pillow']}, Linux {m['kernel']}"],
+            ["date", meta["date"]], ["command", f"`{meta['command']}`"],
+            ["mode", f"{meta['mode']} (runtime {meta['runtime_minutes']} min)"],
+            ["load average", f"{m['load_average_at_start']} at start, "
+                             f"{meta.get('load_average_at_end')} at end"]]
+    return _table(["machine", ""], rows)
+
+
+def data_section(d: dict) -> list[str]:
+    first = next(iter(d.values()))
+    workers = sorted({int(k.rsplit("_w", 1)[1]) for k in first["images_per_second"] if "_w" in k})
+    out = [f"### 1. Data path, images/s (median of {first['config']['repeats']} interleaved "
+           f"epochs; steady rate after the first batch; batch size per dataset below)",
+           ""]
+    rows = []
+    for name, res in d.items():
+        c, ips = res["config"], res["images_per_second"]
+        label = f"{name} (N={c['count']}, batch {c['batch_size']}, ~{c['image_bytes']:,} B/img)"
+        for key, what in PATHS:
+            if key == "memory":
+                rows.append([label, what, _n(ips["memory"]), "", ""])
+            else:
+                rows.append([label, what, *(_n(ips.get(f"{key}_w{n}")) for n in workers)])
+    out += _table(["dataset", "path", *(f"workers={n}" for n in workers)], rows)
+    rows = []
+    for name, res in d.items():
+        q = res["ratios"]
+        for key, what in (("s3_vs_local", "S3 / local"), ("local_vs_limit", "local / limit"),
+                          ("shards_vs_folder", "shards / folder")):
+            rows.append([name, what, *(_n(q.get(f"{key}_w{n}"), 2) for n in workers)])
+    out += _table(["dataset", "ratio", *(f"workers={n}" for n in workers)], rows)
+    out += ["The limit is one core decoding in-process; with 1-2 loader workers on 2 cores a "
+            "ratio above 1 means the loader used more than one core.", ""]
+    return out
+
+
+def train_section(t: dict) -> list[str]:
+    c = t["config"]
+    out = [f"### 2. End to end training, img/s (model {c['model']}, global batch "
+           f"{c['global_batch']}, {c['torch_threads']} torch thread(s) per process, "
+           f"{c['loader_workers_per_rank']} loader worker(s) per rank; {c['dataset']})", ""]
+    rows = [["plain torch loop, in-memory tensors, 1 process",
+             f"{_n(t['plain']['images_per_second'])} (reps {t['plain']['repeats']})", "1.00",
+             "-", "-"]]
+    for key, what, base in (("ray_1w", "pipeline `run_training`, Ray Train 1 worker, S3 data",
+                             "plain"), ("ray_2w", "pipeline, 2 workers (DDP, gloo), same global "
+                                                   "batch", "1 worker")):
+        r = t[key]
+        q = t["ratios"]["ray_1w_vs_plain" if key == "ray_1w" else "ray_2w_vs_ray_1w"]
+        rows.append([what, _n(r["images_per_second"]), f"{q:.2f} (vs {base})",
+                     f"{r['data_wait_fraction']:.1%}", f"{r['wall_seconds']:.0f}"])
+    out += _table(["run", "img/s", "ratio", "data wait", "wall s"], rows)
+    out += [f"CPU seconds by process during the 1-worker run (wall {t['ray_1w']['wall_seconds']:.0f}"
+            f" s, start-up included): {t['ray_1w']['cpu_seconds_by_process']}.", ""]
+    out += [f"Ray runs: {c['ray_steps']} steps each, steady rate = median of the later half of "
+            f"the img/s points logged to MLflow every {c['log_every']} steps; plain loop: "
+            f"{c['plain_repeats']} repetitions of {c['plain_steps']} steps bracketing the Ray "
+            "runs, median of the later-half windows each, median over repetitions.", ""]
+    return out
+
+
+def overhead_section(o: dict) -> list[str]:
+    c = o["config"]
+    out = [f"### 3. Ray Train overhead: the same minimal DDP loop (model {c['model']}, "
+           f"{c['processes']} processes, gloo, global batch {c['global_batch']}, {c['steps']} "
+           f"steps, {c['data']}), median of {c['repeats']} alternating repetition(s)", ""]
+    rows = []
+    for key, what in (("torchrun", "`torchrun --nproc_per_node 2`"),
+                      ("torchtrainer", "Ray Train `TorchTrainer`, 2 workers")):
+        r = o[key]
+        rows.append([what, _n(r["images_per_second"]), f"{r['seconds_to_first_step']:.1f}",
+                     f"{r['wall_seconds']:.1f}", f"{r['cpu_seconds']:.1f}", str(r["repeats"])])
+    out += _table(["launcher", "steady img/s", "s to first step (in worker)", "wall s",
+                   "CPU s (all processes)", "img/s per rep"], rows)
+    q = o["ratios"]
+    out += [f"TorchTrainer / torchrun: steady img/s {q['torchtrainer_vs_torchrun']:.2f}, "
+            f"wall time {q['wall_torchtrainer_vs_torchrun']:.2f}, CPU time "
+            f"{q['cpu_torchtrainer_vs_torchrun']:.2f}. CPU seconds by process under "
+            f"TorchTrainer (last rep): {o['torchtrainer']['cpu_seconds_by_name_last_rep']}.", ""]
+    return out
+
+
+def sampling_section(s: dict) -> list[str]:
+    c, ips, q = s["config"], s["samples_per_second"], s["ratios"]
+    out = [f"### 4. Sampling, samples/s (model {c['model']}, N={c['samples']}, batch "
+           f"{c['batch_size']}, {c['torch_threads']} thread, median of {c['repeats']})", ""]
+    rows = [["plain loop: z -> decoder -> mean", _n(ips["plain_decoder"]), "1.00"],
+            ["`Sampler.__call__` in-process (seeded z per sample, PNG encode)",
+             _n(ips["sampler_in_process"]), f"{q['sampler_vs_plain']:.2f}"],
+            ["`sample_large.generate` (Ray Data, 1 actor, shards to S3), wall",
+             _n(ips["generate_ray_data"]), f"{q['generate_vs_plain']:.2f}"],
+            ["`generate`, its own clock (after the dataset is built)",
+             _n(ips["generate_after_start"]), f"{q['generate_after_start_vs_plain']:.2f}"],
+            ["`generate` with `num_actors: 2` (2 cores; not the same threads)",
+             _n(ips["generate_2_actors"]), f"{ips['generate_2_actors'] / ips['plain_decoder']:.2f}"]]
+    cpu = s["cpu_seconds"]
+    return out + _table(["path", "samples/s", "vs plain"], rows) + [
+        f"CPU seconds for the N samples: plain loop {cpu['plain_decoder']}, `generate` "
+        f"{cpu['generate_ray_data']} (all our processes: actor start-up, Ray Data, driver "
+        f"writing shards), with 2 actors {cpu['generate_2_actors']}.", ""]
+
+
+def quality_section(q: dict) -> list[str]:
+    c, v = q["config"], q["variants"]
+    out = [f"### 5. Quality after {c['cpu_minutes_per_variant']} CPU-minutes of training per "
+           f"variant ({c['cpu_seconds_per_variant']:.0f} CPU-s, 1 thread, "
+           f"{c['processes_side_by_side']} variants side by side; model {c['model']}, batch "
+           f"{c['batch_size']}; evaluation not counted)", ""]
+    rows = []
+    for name, r in v.items():
+        t, e = r["train"], r["test"]
+        if name == "bernoulli":
+            metric = (f"binarized NLL {e['iwae_nll_nats']:.2f} nats (IWAE-{e['iwae_k']}, "
+                      f"{e['iwae_images']} test images); -ELBO {e['test_neg_elbo_nats']:.2f} "
+                      f"nats ({e['test_images']} images)")
+        elif name == "discretized_logistic":
+            metric = (f"{e['test_elbo_bits_per_dim']:.3f} bits/dim (ELBO, {e['test_images']} "
+                      f"images); {e['iwae_bits_per_dim']:.3f} (IWAE-{e['iwae_k']}, "
+                      f"{e['iwae_images']} images)")
+        else:
+            metric = (f"{e['test_elbo_bits_per_dim']:.3f} bits/dim (ELBO), PSNR "
+                      f"{e['psnr_db']:.1f} dB")
+        rows.append([name, t["steps"], f"{t['cpu_seconds']:.0f}", f"{t['wall_seconds']:.0f}",
+                     metric, f"{e['rate_bits']:.1f}", f"{e['distortion_bits']:.1f}"])
+    out += _table(["likelihood", "steps", "CPU s", "wall s", "test", "rate bits",
+                   "distortion bits"], rows)
+    out += ["laplace = L1 and gaussian = L2 distortion (fixed sigma "
+            f"{c['sigma_laplace_gaussian']}); bits/dim are 8-bit (continuous densities get the "
+            "ln 255 bin width). IWAE on a subset: the whole 10k test split at k=5000 is 50M "
+            "decoder passes, days on this machine. Training curve: "
+            "![training curve](training_curve.png)", ""]
+    return out
+
+
+def fixes_section(f: dict) -> list[str]:
+    out = ["### Top bottlenecks: before / after (measured in the same run, interleaved)", ""]
+    rows = [[x["bottleneck"], x["what"], _n(x["before"], 1), _n(x["after"], 1),
+             f"{x['after'] / x['before']:.2f}", x["where"]] for x in f["items"]]
+    return out + _table(["bottleneck", "measured", "before", "after", "after / before",
+                         "fix"], rows)
+
+
+def markdown(r: dict) -> str:
+    out = ["# Benchmark results", "", *machine_section(r)]
+    for key, fn in (("data_path", data_section), ("train", train_section),
+                    ("overhead", overhead_section), ("sampling", sampling_section),
+                    ("quality", quality_section), ("fixes", fixes_section)):
+        if key in r:
+            out += fn(r[key])
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------- curve PNG
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    import math
+
+    span = (hi - lo) or 1.0
+    step = 10 ** math.floor(math.log10(span / n))
+    for m in (1, 2, 5, 10):
+        if span / (m * step) <= n:
+            step *= m
+            break
+    start = math.ceil(lo / step) * step
+    return [start + i * step for i in range(int((hi - start) / step) + 1)]
+
+
+def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str,
+           series: list[tuple[str, list[tuple[float, float]], tuple]], xlabel: str) -> None:
+    x0, y0, x1, y1 = box
+    font, small = _font(15), _font(12)
+    draw.text((x0 + 60, y0 + 4), title, fill="black", font=font)
+    left, top, right, bottom = x0 + 60, y0 + 28, x1 - 12, y1 - 40
+    pts = [p for _, s, _ in series for p in s]
+    if not pts:
+        return
+    xs, ys = [p[0] for p in pts], sorted(p[1] for p in pts)
+    xmin, xmax = 0.0, max(xs) or 1.0
+    ylo, yhi = ys[0], ys[int(0.9 * (len(ys) - 1))]  # clip the first steps' spike
+    yhi = yhi + 0.05 * ((yhi - ylo) or 1)
+    ylo = ylo - 0.05 * ((yhi - ylo) or 1)
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        y = min(max(y, ylo), yhi)
+        return (left + (x - xmin) / (xmax - xmin) * (right - left),
+                bottom - (y - ylo) / (yhi - ylo) * (bottom - top))
+
+    draw.rectangle((left, top, right, bottom), outline="black")
+    for t in _ticks(ylo, yhi):
+        _, y = px(xmin, t)
+        draw.line((left - 4, y, left, y), fill="black")
+        draw.line((left + 1, y, right - 1, y), fill=(230, 230, 230))
+        draw.text((x0 + 2, y - 7), f"{t:g}", fill="black", font=small)
+    for t in _ticks(xmin, xmax):
+        x, _ = px(t, ylo)
+        draw.line((x, bottom, x, bottom + 4), fill="black")
+        draw.text((x - 10, bottom + 6), f"{t:g}", fill="black", font=small)
+    draw.text(((left + right) / 2 - 40, bottom + 22), xlabel, fill="black", font=small)
+    for i, (label, s, color) in enumerate(series):
+        if len(s) > 1:
+            draw.line([px(x, y) for x, y in s], fill=color, width=2)
+        draw.text((right - 150, top + 6 + 16 * i), label, fill=color, font=small)
+
+
+def training_curve(quality: dict, path: Path) -> None:
+    """A 2x2 grid: per variant, training -ELBO (bits/dim, smoothed) against CPU seconds."""
+    variants = quality["variants"]
+    w, h = 1100, 760
+    img = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((20, 8), f"Fashion-MNIST, training -ELBO (bits/dim) vs CPU seconds, "
+                       f"{quality['config']['cpu_seconds_per_variant']:.0f} CPU-s per variant",
+              fill="black", font=_font(17))
+    for i, (name, r) in enumerate(variants.items()):
+        col, row = i % 2, i // 2
+        box = (col * w // 2 + 10, 40 + row * (h - 40) // 2, (col + 1) * w // 2 - 10,
+               40 + (row + 1) * (h - 40) // 2)
+        pts = [(c["cpu_seconds"], c["bits_per_dim"]) for c in r["curve"]]
+        smooth = [(x, sum(p[1] for p in pts[max(0, j - 4):j + 1]) / len(pts[max(0, j - 4):j + 1]))
+                  for j, (x, _) in enumerate(pts)]
+        test = r["test"]
+        label = "train -ELBO"
+        if "test_elbo_bits_per_dim" in test:
+            label += f" (test {test['test_elbo_bits_per_dim']:.3f})"
+        elif "test_neg_elbo_nats" in test:
+            label += f" (test {test['test_neg_elbo_nats'] / 784 / 0.693147:.3f})"
+        _panel(draw, box, f"{name}: {r['train']['steps']} steps (mean of 50 steps)",
+               [(label, smooth, COLORS[i])], "CPU seconds")
+    img.save(path)

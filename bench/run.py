@@ -1,0 +1,124 @@
+"""``make bench``: every benchmark of issue 7 in one run, results in ``bench/results.json`` and
+``bench/results.md`` (plus ``bench/training_curve.png``).
+
+    .venv/bin/python -m bench.run            # full: ~15 min on 2 cores
+    .venv/bin/python -m bench.run --quick    # ~3-4 min, small N (stated in the output)
+    .venv/bin/python -m bench.run --only data,sampling
+
+Starts its own SeaweedFS, MLflow and Ray head on free loopback ports and stops exactly those
+processes at the end (also on Ctrl-C / SIGTERM). Ratios are always against a baseline
+measured in the same run; numbers are medians of interleaved repetitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SECTIONS = ("data", "train", "overhead", "sampling", "quality", "fixes")
+OUT_DIR = Path(__file__).resolve().parent
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _write(results: dict, out_dir: Path) -> None:
+    from bench.report import markdown, training_curve
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(out_dir / "results.json")
+    if "quality" in results:
+        training_curve(results["quality"], out_dir / "training_curve.png")
+    (out_dir / "results.md").write_text(markdown(results))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small N, ~3-4 minutes")
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help=f"comma-separated sections of {','.join(SECTIONS)}")
+    p.add_argument("--out-dir", default=str(OUT_DIR), help="where results.{json,md} go")
+    args = p.parse_args(argv)
+    only = [s for s in args.only.split(",") if s]
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        p.error(f"unknown section(s) {unknown}; known: {', '.join(SECTIONS)}")
+    signal.signal(signal.SIGTERM, _interrupt)
+
+    import torch
+
+    from bench import common
+    from bench.stack import BenchStack
+
+    settings = common.Settings.quick() if args.quick else common.Settings.full()
+    torch.set_num_threads(settings.threads)
+    t0 = time.perf_counter()
+    command = "make bench" if not argv else f".venv/bin/python -m bench.run {' '.join(argv)}"
+    results: dict = {"meta": {"command": command, "mode": settings.mode,
+                              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                              "settings": vars(settings), "sections": only},
+                     "machine": common.machine()}
+    log(f"{settings.mode} mode, sections {only}; machine {results['machine']}")
+    need_ray = bool({"train", "overhead", "sampling"} & set(only))
+    with BenchStack(num_cpus=4, with_ray=need_ray, with_mlflow="train" in only) as stack, \
+            tempfile.TemporaryDirectory(prefix="bench-data-") as work:
+        results["meta"]["service_startup_seconds"] = stack.startup_seconds
+        log(f"services up: {stack.startup_seconds}")
+        timings = results["meta"].setdefault("section_seconds", {})
+        for section in only:
+            with common.Stopwatch() as t:
+                if section == "data":
+                    from bench import data_path
+
+                    results["data_path"] = data_path.run(settings, Path(work),
+                                                         stack.bucket("bench-data"), log)
+                elif section == "train":
+                    from bench import train_path
+
+                    results["train"] = train_path.end_to_end(settings, stack, log)
+                elif section == "overhead":
+                    from bench import train_path
+
+                    results["overhead"] = train_path.overhead(settings, stack, log)
+                elif section == "sampling":
+                    from bench import sampling
+
+                    stack.ray_init()
+                    results["sampling"] = sampling.run(settings, stack.bucket("bench-samples"),
+                                                       stack.started, settings.threads, log)
+                elif section == "quality":
+                    from bench import quality
+
+                    results["quality"] = quality.run(settings, log)
+                elif section == "fixes":
+                    from bench import fixes
+
+                    results["fixes"] = fixes.run(settings, results, Path(work), log)
+            timings[section] = round(t.seconds, 1)
+            log(f"{section} done in {t.seconds:.0f}s")
+            results["meta"]["runtime_minutes"] = round((time.perf_counter() - t0) / 60, 1)
+            _write(results, Path(args.out_dir))
+    results["meta"]["runtime_minutes"] = round((time.perf_counter() - t0) / 60, 1)
+    results["meta"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    _write(results, Path(args.out_dir))
+    log(f"done in {results['meta']['runtime_minutes']} min; wrote {args.out_dir}/results.json, "
+        "results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
