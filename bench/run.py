@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.run            # full: ~15 min on 2 cores
     .venv/bin/python -m bench.run --quick    # ~3-4 min, small N (stated in the output)
     .venv/bin/python -m bench.run --only data,sampling
+    .venv/bin/python -m bench.run --render   # tables + curve again from results.json
 
 Starts its own SeaweedFS, MLflow and Ray head on free loopback ports and stops exactly those
 processes at the end (also on Ctrl-C / SIGTERM). Ratios are always against a baseline
@@ -52,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=",".join(SECTIONS),
                    help=f"comma-separated sections of {','.join(SECTIONS)}")
     p.add_argument("--out-dir", default=str(OUT_DIR), help="where results.{json,md} go")
+    p.add_argument("--render", action="store_true",
+                   help="only re-render results.md and the curve from results.json")
     args = p.parse_args(argv)
+    if args.render:
+        _write(json.loads((Path(args.out_dir) / "results.json").read_text()), Path(args.out_dir))
+        return 0
     only = [s for s in args.only.split(",") if s]
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:
