@@ -29,6 +29,7 @@ from pipeline.data.config import IngestConfig
 from pipeline.data.ingest import ingest
 from pipeline.submit import runtime_env_for
 from pipeline.train import checkpoint
+from tests.helpers import LOOPBACK_IPS, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -42,17 +43,6 @@ CKPT_EVERY = 8
 PAUSE_STEP = 12  # rank 1 parks here (fault-injection marker) until the node is killed
 NAME = "multinode"
 OBJECT_STORE = 256 * 2**20
-LOOPBACK_IPS = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def state(head: services.RayHead, kind: str, **filters: str) -> list[dict]:

@@ -18,18 +18,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import services, stack
-
-LOOPBACK_IPS = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+from tests.helpers import LOOPBACK_IPS, wait_for
 
 
 def listening(svc: services.Service) -> set[tuple[str, int]]:
