@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint up down status demo bench clean help
+.PHONY: install test test-fast lint up down status demo bench bench-quality clean help
 
 help:
 	@echo "make demo   - install, start the local stack, ingest Fashion-MNIST, train (2 workers), sample"
@@ -48,6 +48,11 @@ demo: install
 
 bench: install
 	$(BIN)/python -m bench.run
+
+# The model-quality table (issue 4): 5 variants x 20 CPU-min side by side, ~60 min on 2 cores.
+bench-quality: install
+	$(BIN)/python -m bench.run --only quality --quality-minutes 20 --iwae-images 200 \
+		--out-dir bench/quality
 
 clean: down
 	rm -rf .stack .data

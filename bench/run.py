@@ -5,6 +5,7 @@
     .venv/bin/python -m bench.run --quick    # ~3-4 min, small N (stated in the output)
     .venv/bin/python -m bench.run --only data,sampling
     .venv/bin/python -m bench.run --render   # tables + curve again from results.json
+    make bench-quality                       # the quality table alone, 20 CPU-min per variant
 
 Starts its own SeaweedFS, MLflow and Ray head on free loopback ports and stops exactly those
 processes at the end (also on Ctrl-C / SIGTERM). Ratios are always against a baseline
@@ -53,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=",".join(SECTIONS),
                    help=f"comma-separated sections of {','.join(SECTIONS)}")
     p.add_argument("--out-dir", default=str(OUT_DIR), help="where results.{json,md} go")
+    p.add_argument("--quality-minutes", type=float, default=None,
+                   help="CPU minutes of training per quality variant (default: 1, quick 1/6)")
+    p.add_argument("--iwae-images", type=int, default=None,
+                   help="test images for the conv variants' IWAE-5000 (default 16, quick 8)")
     p.add_argument("--render", action="store_true",
                    help="only re-render results.md and the curve from results.json")
     args = p.parse_args(argv)
@@ -71,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     from bench.stack import BenchStack
 
     settings = common.Settings.quick() if args.quick else common.Settings.full()
+    if args.quality_minutes is not None:
+        settings.quality_cpu_seconds = args.quality_minutes * 60
+    if args.iwae_images is not None:
+        settings.iwae_images = args.iwae_images
     torch.set_num_threads(settings.threads)
     t0 = time.perf_counter()
     command = "make bench" if not argv else f".venv/bin/python -m bench.run {' '.join(argv)}"

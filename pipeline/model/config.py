@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pipeline.errors import ConfigError
 
+ARCHS = ("conv", "mlp")
 LATENTS = ("flat", "spatial")
 NORMS = ("none", "group", "batch")
 ACTIVATIONS = ("silu", "relu", "gelu", "leaky_relu")
@@ -17,13 +18,18 @@ LEARN_SIGMA = ("none", "global", "channel")
 
 @dataclass
 class ModelConfig:
-    """Architecture and likelihood of the convolutional VAE.
+    """Architecture and likelihood of the VAE.
 
     Inputs are float images ``(B, in_channels, image_size, image_size)`` in ``[0, 1]``.
-    The encoder halves the resolution ``len(channels)`` times (one stride-2 conv per stage)
-    and the decoder doubles it back with pixel-shuffle upsampling.
+    With ``arch="conv"`` (the default) the encoder halves the resolution ``len(channels)`` times
+    (one stride-2 conv per stage) and the decoder doubles it back with pixel-shuffle upsampling.
+    ``arch="mlp"`` is the fully connected VAE of Kingma & Welling (2013) and of the published
+    binarized-MNIST/Fashion-MNIST baselines (two hidden layers of 300, 40 latents): it is
+    there to compare like with like, and only takes a flat latent.
 
     Attributes:
+        arch: ``"conv"`` or ``"mlp"``.
+        hidden: widths of the MLP's hidden layers (encoder order; the decoder mirrors it).
         image_size: height and width of the (square) input; divisible by ``2**len(channels)``.
         in_channels: image channels (1 grayscale, 3 RGB).
         channels: width of each resolution stage, highest resolution first.
@@ -43,6 +49,8 @@ class ModelConfig:
         logvar_clamp: ``[low, high]`` clamp of the posterior log-variance.
     """
 
+    arch: Literal["conv", "mlp"] = "conv"
+    hidden: list[int] = field(default_factory=lambda: [300, 300])
     image_size: int = 28
     in_channels: int = 1
     channels: list[int] = field(default_factory=lambda: [32, 64])
@@ -63,6 +71,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.channels = list(self.channels) if isinstance(self.channels, tuple) else self.channels
+        self.hidden = list(self.hidden) if isinstance(self.hidden, tuple) else self.hidden
         if isinstance(self.logvar_clamp, tuple):
             self.logvar_clamp = list(self.logvar_clamp)
         for name in ("image_size", "in_channels", "latent_dim", "latent_channels"):
@@ -74,13 +83,18 @@ class ModelConfig:
             )
         for width in self.channels:
             _positive_int("channels", width)
+        if not isinstance(self.hidden, list) or not self.hidden:
+            raise ConfigError("hidden", f"must be a non-empty list of ints, got {self.hidden!r}")
+        for width in self.hidden:
+            _positive_int("hidden", width)
         factor = 2 ** len(self.channels)
-        if self.image_size % factor:
+        if self.arch == "conv" and self.image_size % factor:
             raise ConfigError(
                 "image_size",
                 f"must be divisible by 2**len(channels)={factor}, got {self.image_size}",
             )
         for name, allowed in (
+            ("arch", ARCHS),
             ("latent", LATENTS),
             ("norm", NORMS),
             ("activation", ACTIVATIONS),
@@ -91,6 +105,8 @@ class ModelConfig:
                 raise ConfigError(
                     name, f"must be one of {list(allowed)}, got {getattr(self, name)!r}"
                 )
+        if self.arch == "mlp" and self.latent != "flat":
+            raise ConfigError("latent", f"arch 'mlp' needs latent 'flat', got {self.latent!r}")
         if not _real(self.sigma) or not (math.isfinite(self.sigma) and self.sigma > 0):
             raise ConfigError("sigma", f"must be a finite float > 0, got {self.sigma!r}")
         if not _real(self.min_log_scale) or not math.isfinite(self.min_log_scale):
@@ -153,6 +169,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         image_size=28, in_channels=1, channels=[32, 64], blocks_per_stage=1,
         latent="flat", latent_dim=32, likelihood="bernoulli",
     ),
+    # The published MLP baseline (VampPrior / Exemplar VAE "VAE"): 784-300-300-40.
+    "mnist28_mlp": dict(
+        arch="mlp", hidden=[300, 300], image_size=28, in_channels=1,
+        latent="flat", latent_dim=40, likelihood="bernoulli",
+    ),
     "cifar32": dict(
         image_size=32, in_channels=3, channels=[64, 128, 256], blocks_per_stage=2,
         latent="spatial", latent_channels=16, likelihood="discretized_logistic",
@@ -169,7 +190,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
-    """A named ``ModelConfig`` (``mnist28``, ``cifar32``, ``64``, ``256``) with overrides.
+    """A named ``ModelConfig`` (``mnist28``, ``mnist28_mlp``, ``cifar32``, ``64``, ``256``)
+    with overrides.
 
     Raises:
         ConfigError: unknown preset name or unknown/invalid override.

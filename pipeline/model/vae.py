@@ -170,6 +170,44 @@ class Decoder(nn.Module):
         return self.out(self.stages(h))  # (B, C_last, h, w) -> (B, out_channels, H, W)
 
 
+class MLPEncoder(nn.Module):
+    """Fully connected y -> (mu, logvar): flatten, ``hidden`` layers with the activation."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.deterministic = config.deterministic_encoder
+        widths = [config.in_channels * config.image_size**2, *config.hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(widths, widths[1:]):
+            layers += [nn.Linear(a, b), _activation(config.activation)]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(widths[-1], (1 if self.deterministic else 2) * config.latent_dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        h = self.head(self.body((2 * x - 1).flatten(1)))  # (B, 2D)
+        if self.deterministic:
+            return h, None
+        mu, logvar = h.chunk(2, dim=1)
+        return mu, logvar
+
+
+class MLPDecoder(nn.Module):
+    """Fully connected z -> likelihood params (B, out_channels, H, W); mirrors the encoder."""
+
+    def __init__(self, config: ModelConfig, out_channels: int):
+        super().__init__()
+        self.shape = (out_channels, config.image_size, config.image_size)
+        widths = [config.latent_dim, *reversed(config.hidden)]
+        layers: list[nn.Module] = []
+        for a, b in zip(widths, widths[1:]):
+            layers += [nn.Linear(a, b), _activation(config.activation)]
+        layers.append(nn.Linear(widths[-1], math.prod(self.shape)))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.body(z).view(z.shape[0], *self.shape)
+
+
 class DiagonalGaussian:
     """The encoder's posterior P_Psi(z|y) = N(mu, diag(exp(logvar))).
 
@@ -283,9 +321,12 @@ class VAE(nn.Module):
             channels=config.in_channels,
             min_log_scale=config.min_log_scale,
         )
-        self.encoder = encoder or Encoder(config)
+        mlp = config.arch == "mlp"
+        self.encoder = encoder or (MLPEncoder(config) if mlp else Encoder(config))
         out_channels = self.likelihood.params_per_channel * config.in_channels
-        self.decoder = decoder or Decoder(config, out_channels)
+        self.decoder = decoder or (
+            MLPDecoder(config, out_channels) if mlp else Decoder(config, out_channels)
+        )
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> VAE:
