@@ -171,3 +171,62 @@ def test_fast_and_webdataset_parsers_agree(bad_split):
             for sample in tar_samples(io.BytesIO(truncated), "u", fast=fast_flag):
                 got.append(sample["__key__"])
         assert got == [f"s1-{i:03d}" for i in range(CUT_AT - 1)]
+
+
+def _stream(url: str, rank: int = 0, world_size: int = 1, max_bad: int = 100) -> ShardStream:
+    config = StreamConfig(train_url=url, shuffle_buffer=8, max_pixels=1000,
+                          max_bad_samples=max_bad, retries=1, retry_backoff=0.0)
+    return ShardStream(config, rank=rank, world_size=world_size, batch_size=4)
+
+
+def test_budget_carries_over_a_resume(bad_split):
+    """A resumed epoch keeps counting its bad samples: 14 bad against a budget of 10 fails
+    whether or not the epoch was interrupted (before the fix the resumed rank counted from 0)."""
+    url, _ = bad_split
+    first = _stream(url, max_bad=10)
+    first.set_epoch(0)
+    taken = 0
+    for _batch in make_loader(first, num_workers=0):
+        taken += 1
+        if sum(first.bad_counts().values()) >= 4:
+            break
+    before = sum(first.bad_counts().values())
+    assert 4 <= before <= 10 and taken < 10
+    state = first.state_dict()
+    assert state["bad_by_rank"] == [first.bad_counts()]
+
+    resumed = _stream(url, max_bad=10)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(0)
+    assert resumed.bad_counts() == first.bad_counts()
+    with pytest.raises(BadDataError, match=r"1[1-4] bad samples in epoch 0 exceed"):
+        list(make_loader(resumed, num_workers=0))
+
+    # the control: the rest of the epoch alone stays within the budget
+    fresh = _stream(url, max_bad=10)
+    fresh.load_state_dict({**state, "bad_by_rank": []})
+    fresh.set_epoch(0)
+    assert len(list(make_loader(fresh, num_workers=0))) == 10 - taken
+    assert sum(fresh.bad_counts().values()) == 14 - before
+
+
+def test_budget_counts_follow_ranks_across_world_sizes(bad_split):
+    url, _ = bad_split
+    ranks = [_stream(url, r, 2) for r in range(2)]
+    for s in ranks:
+        s.set_epoch(0)
+        list(make_loader(s, num_workers=0))
+    counts = [s.bad_counts() for s in ranks]
+    assert sum(sum(c.values()) for c in counts) == 14
+    state = ranks[0].state_dict(counts)
+    for r in range(2):  # same world size: each rank gets its own back
+        s = _stream(url, r, 2)
+        s.load_state_dict(state)
+        assert s.bad_counts() == counts[r]
+    one = _stream(url, 0, 1)  # one rank left: it carries the whole epoch's count
+    one.load_state_dict(state)
+    assert one.bad_counts() == dict(sum((Counter(c) for c in counts), Counter()))
+    three = [_stream(url, r, 3) for r in range(3)]  # a new third rank starts at zero
+    for s in three:
+        s.load_state_dict(state)
+    assert [s.bad_counts() for s in three] == [counts[0], counts[1], {}]

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from functools import partial
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import storage
@@ -160,14 +161,26 @@ class ShardStream(IterableDataset):
         """Batches this rank yields in the current epoch (including any already consumed)."""
         return self._split().batches
 
-    def state_dict(self) -> dict:
-        """The epoch position; the same on every rank (save rank 0's)."""
+    def state_dict(self, bad_by_rank: list[dict[str, int]] | None = None) -> dict:
+        """The epoch position; the same on every rank (save rank 0's).
+
+        Args:
+            bad_by_rank: every rank's :meth:`bad_counts` (gathered by the caller), so a resumed
+                epoch keeps counting each rank's bad samples against ``max_bad_samples``
+                instead of starting from zero. None: this rank's only.
+        """
         world_size, workers, batch_size = self._layout or (0, 0, 0)
         return {"version": STATE_VERSION, "epoch": self.epoch, "batches": self._batches,
                 "seed": self.config.seed, "num_samples": self.manifest.count,
                 "shuffle": self.shuffle, "shuffle_buffer": self.config.shuffle_buffer,
                 "world_size": world_size, "num_workers": workers, "batch_size": batch_size,
-                "segments": None if self._segments is None else [list(s) for s in self._segments]}
+                "segments": None if self._segments is None else [list(s) for s in self._segments],
+                "bad_by_rank": [dict(c) for c in bad_by_rank] if bad_by_rank is not None
+                else [dict(self._bad)]}
+
+    def bad_counts(self) -> dict[str, int]:
+        """This rank's bad samples per reason in the current epoch (the budget's count)."""
+        return dict(self._bad)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a position saved by :meth:`state_dict` (any rank's, any world size).
@@ -191,6 +204,11 @@ class ShardStream(IterableDataset):
             self._batches, self._started = int(state["batches"]), True
         if state.get("segments") is not None:
             self._segments = [(int(a), int(b)) for a, b in state["segments"]]
+        # the epoch's bad samples so far: old rank i's count goes to rank i % world_size, so
+        # the total carries over to any world size (and each rank's own to the same one)
+        for i, counts in enumerate(state.get("bad_by_rank") or []):
+            if i % self.world_size == self.rank:
+                self._bad.update({str(k): int(v) for k, v in counts.items()})
 
     def stats(self) -> dict:
         """This rank's counters for the current epoch (remainder counts are global)."""
@@ -232,7 +250,11 @@ class ShardStream(IterableDataset):
         if self._layout is None or self._layout[1] != info.num_workers:
             raise DataError("iterate a ShardStream through make_loader(), which fixes the "
                             "worker layout and counts batches in the main process")
-        yield from self._produce(info.id)
+        for batch in self._produce(info.id):
+            # label/pad cross to the main process inside the pickled batch: every tensor
+            # costs a shared-memory segment plus an fd handshake the main process waits on
+            batch["label"], batch["pad"] = batch["label"].numpy(), batch["pad"].numpy()
+            yield batch
 
     def _produce(self, worker: int) -> Iterator[dict]:
         split = self._split()
@@ -303,6 +325,8 @@ class StreamLoader:
             return
         self.stream._begin(self.num_workers)
         for batch in self.loader:
+            batch["label"] = torch.as_tensor(batch["label"])  # numpy from the workers
+            batch["pad"] = torch.as_tensor(batch["pad"])
             self.stream._record(batch)
             yield batch
 
@@ -335,6 +359,11 @@ def _worker_init(environ: dict, worker_id: int) -> None:
     storage.inherit_environ(environ)
 
 
+def _as_is(batch: dict) -> dict:
+    """Batches arrive ready: no ``default_convert`` (it would turn numpy back into tensors)."""
+    return batch
+
+
 def make_loader(stream: ShardStream, num_workers: int | None = None,
                 pin_memory: bool = False, prefetch_factor: int | None = 2) -> StreamLoader:
     """The DataLoader for ``stream`` (``num_workers`` default: the stream's).
@@ -347,7 +376,7 @@ def make_loader(stream: ShardStream, num_workers: int | None = None,
     workers = stream.num_workers if num_workers is None else num_workers
     kwargs = {}
     if workers > 0:
-        kwargs = {"prefetch_factor": prefetch_factor,
+        kwargs = {"prefetch_factor": prefetch_factor, "collate_fn": _as_is,
                   "multiprocessing_context": storage.process_context(WORKER_PRELOAD),
                   "worker_init_fn": partial(_worker_init, dict(os.environ))}
     return StreamLoader(stream, workers, pin_memory=pin_memory, **kwargs)

@@ -57,7 +57,7 @@ def _fault_hooks(step: int, rank: int, loss: torch.Tensor) -> torch.Tensor:
     return loss
 
 
-def _gather(counts: dict[str, int], world: int) -> list[dict[str, int]]:
+def _gather(counts: dict, world: int) -> list[dict]:
     """Every rank's ``counts`` (a collective: all ranks call it at the same step)."""
     import torch.distributed as dist
 
@@ -105,6 +105,7 @@ def train_loop(loop_config: dict) -> None:
             bad = BadSamples(s.get("bad_samples"))
         run_id = s["mlflow_run_id"] or run_id
         stream.load_state_dict(s["data"])
+        bad.epoch.update(stream.bad_counts())  # the epoch's restored count, not new ones
         if rank == 0:
             print(f"resumed from checkpoint at epoch {epoch} step {step}", flush=True)
     else:
@@ -125,13 +126,15 @@ def train_loop(loop_config: dict) -> None:
         """Every rank calls this at the same step; rank 0 attaches the checkpoint."""
         t0 = time.perf_counter()
         report = {"step": step, "epoch": epoch, **extra}
-        totals = bad.totals(_gather(dict(bad.own), world)[1:])
+        counts = _gather({"run": dict(bad.own), "epoch": stream.bad_counts()}, world)
+        totals = bad.totals([c["run"] for c in counts[1:]])
         if rank != 0:
             ray.train.report(report, checkpoint=None)
             return
         state = {"step": step, "epoch": epoch, "skipped_steps": budget.count,
                  "bad_samples": totals, "mlflow_run_id": tracker.run_id,
-                 "data": stream.state_dict(), "config": to_dict(job)}
+                 "data": stream.state_dict([c["epoch"] for c in counts]),
+                 "config": to_dict(job)}
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint.save(tmp, model=vae, state=state, optimizer=opt, scheduler=sched, ema=ema)
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
