@@ -1,6 +1,6 @@
-"""Candidate fixes for the bottlenecks the profiles found, measured before/after in the same
-run, interleaved (pipeline code is not edited here: the "after" side is a bench-side variant;
-the matching pipeline diff is in ``docs/PERFORMANCE.md``).
+"""Fixes for the bottlenecks the profiles found, measured before/after in the same run,
+interleaved. Both are applied in the pipeline; the "before" side is a bench-side
+reproduction of the old behaviour.
 
 1. Loader workers hand each batch's three tensors (image, label, pad) to the main process by
    file-descriptor passing: one new authenticated Unix-socket connection per tensor, served
@@ -26,21 +26,18 @@ from pipeline import storage
 from pipeline.data import WORKER_PRELOAD
 from pipeline.data.bench import _epoch
 from pipeline.data.config import StreamConfig
-from pipeline.data.stream import ShardStream, StreamLoader, _worker_init
+from pipeline.data.stream import ShardStream, StreamLoader, _as_is, _worker_init, make_loader
 
 
-class LeanBatchStream(ShardStream):
-    """A :class:`ShardStream` whose loader workers send label/pad as numpy arrays."""
+class TensorBatchStream(ShardStream):
+    """The loader before the fix: workers send label/pad as tensors (one fd handshake each)."""
 
-    def _produce(self, worker: int):
-        for batch in super()._produce(worker):
+    def __iter__(self):
+        for batch in super().__iter__():
             if get_worker_info() is not None:
-                batch["label"], batch["pad"] = batch["label"].numpy(), batch["pad"].numpy()
+                batch["label"] = torch.from_numpy(batch["label"])
+                batch["pad"] = torch.from_numpy(batch["pad"])
             yield batch
-
-
-def _as_is(batch):  # no default_convert: numpy stays numpy until the main process
-    return batch
 
 
 def _init_worker(environ: dict, worker_id: int) -> None:
@@ -48,30 +45,18 @@ def _init_worker(environ: dict, worker_id: int) -> None:
     torch.multiprocessing.set_sharing_strategy("file_system")
 
 
-def lean_loader(stream: LeanBatchStream, workers: int, file_system: bool = True):
-    """``make_loader`` with the fix: same batches (label/pad back to tensors here)."""
-    kwargs = {}
-    if workers:
-        init = _init_worker if file_system else _worker_init
-        kwargs = {"prefetch_factor": 2, "collate_fn": _as_is,
-                  "multiprocessing_context": storage.process_context(WORKER_PRELOAD),
-                  "worker_init_fn": partial(init, dict(os.environ))}
-    for batch in StreamLoader(stream, workers, **kwargs):
-        if not isinstance(batch["label"], torch.Tensor):
-            batch["label"] = torch.from_numpy(batch["label"])
-            batch["pad"] = torch.from_numpy(batch["pad"])
-        yield batch
-
-
 def _batches(url: str, batch: int, workers: int, variant: str):
     config = StreamConfig(train_url=url)
     if variant == "before":
-        from pipeline.data.stream import make_loader
-
-        stream = ShardStream(config, rank=0, world_size=1, batch_size=batch, num_workers=workers)
+        return make_loader(TensorBatchStream(config, rank=0, world_size=1, batch_size=batch,
+                                             num_workers=workers))
+    stream = ShardStream(config, rank=0, world_size=1, batch_size=batch, num_workers=workers)
+    if variant == "after":
         return make_loader(stream)
-    stream = LeanBatchStream(config, rank=0, world_size=1, batch_size=batch, num_workers=workers)
-    return lean_loader(stream, workers, file_system=variant == "after_file_system")
+    # also sharing memory by file name: not applied (can leak /dev/shm when a worker dies)
+    return StreamLoader(stream, workers, prefetch_factor=2, collate_fn=_as_is,
+                        multiprocessing_context=storage.process_context(WORKER_PRELOAD),
+                        worker_init_fn=partial(_init_worker, dict(os.environ)))
 
 
 def _loader_run(url: str, batch: int, workers: int, variant: str):
@@ -79,7 +64,7 @@ def _loader_run(url: str, batch: int, workers: int, variant: str):
 
 
 def same_batches(url: str, batch: int) -> bool:
-    """The fixed loader yields exactly make_loader's batches (keys, labels, pad, images)."""
+    """The fixed loader yields exactly the old loader's batches (keys, labels, pad, images)."""
     a = list(_batches(url, batch, 2, "before"))
     b = list(_batches(url, batch, 2, "after_file_system"))
     return len(a) == len(b) and all(
@@ -110,8 +95,8 @@ def loader_fix(settings: Settings, url: str, reps: int) -> list[dict]:
                     "after_file_system": rnd(median(rates[(w, "after_file_system")])),
                     "repeats": {v: [rnd(x) for x in rates[(w, v)]] for v in variants},
                     "identical_batches": identical,
-                    "where": "label/pad travel as numpy, one shared tensor per batch (diff for "
-                             "pipeline/data/stream.py in docs/PERFORMANCE.md)"})
+                    "where": "label/pad travel as numpy, one shared tensor per batch (applied: "
+                             "pipeline/data/stream.py)"})
     return out
 
 
