@@ -33,7 +33,7 @@ class Settings:
     log_every: int = 10
     plain_steps: int = 100  # steps of each plain-loop repetition (after warm-up)
     overhead_steps: int = 120  # steps of the minimal DDP loop (TorchTrainer / torchrun)
-    overhead_repeats: int = 2
+    overhead_repeats: int = 3
     # 4. sampling
     sample_count: int = 8192
     sample_batch: int = 512
