@@ -96,6 +96,15 @@ class PixelShuffleUpsample(nn.Module):
         return depth_to_space(self.conv(x), 2)  # (B, 4C, H, W) -> (B, C, 2H, 2W)
 
 
+def _mu_logvar(h: Tensor, deterministic: bool) -> tuple[Tensor, Tensor | None]:
+    """Split an encoder head's output along channels: (mu, logvar), or (z, None) for the RD
+    autoencoder's deterministic encoder."""
+    if deterministic:
+        return h, None
+    mu, logvar = h.chunk(2, dim=1)
+    return mu, logvar
+
+
 class Encoder(nn.Module):
     """y -> (mu, logvar) of P_Psi(z|y); logvar is None for a deterministic encoder."""
 
@@ -129,11 +138,7 @@ class Encoder(nn.Module):
         h = self.out(self.stages(self.conv_in(x)))  # (B, C_last, H / 2^L, W / 2^L)
         if self.latent == "flat":
             h = h.flatten(1)
-        h = self.head(h)  # (B, 2D) or (B, 2C_z, h, w)
-        if self.deterministic:
-            return h, None
-        mu, logvar = h.chunk(2, dim=1)
-        return mu, logvar
+        return _mu_logvar(self.head(h), self.deterministic)  # from (B, 2D) or (B, 2C_z, h, w)
 
 
 class Decoder(nn.Module):
@@ -184,11 +189,7 @@ class MLPEncoder(nn.Module):
         self.head = nn.Linear(widths[-1], (1 if self.deterministic else 2) * config.latent_dim)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        h = self.head(self.body((2 * x - 1).flatten(1)))  # (B, 2D)
-        if self.deterministic:
-            return h, None
-        mu, logvar = h.chunk(2, dim=1)
-        return mu, logvar
+        return _mu_logvar(self.head(self.body((2 * x - 1).flatten(1))), self.deterministic)
 
 
 class MLPDecoder(nn.Module):
