@@ -1,5 +1,6 @@
-"""``make bench``: every benchmark of issue 7 in one run, results in ``bench/results.json`` and
-``bench/results.md`` (plus ``bench/training_curve.png``).
+"""``make bench``: the benchmarks of issue 7 in one run, results in ``bench/results.json`` and
+``bench/results.md``; ``make bench-quality``: the model-quality table of issue 4 in
+``bench/quality/`` (results.{json,md} and ``training_curve.png``).
 
     .venv/bin/python -m bench.run            # full: ~15 min on 2 cores
     .venv/bin/python -m bench.run --quick    # ~3-4 min, small N (stated in the output)
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 SECTIONS = ("data", "train", "overhead", "sampling", "quality", "fixes")
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "quality")
 OUT_DIR = Path(__file__).resolve().parent
 
 
@@ -51,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small N, ~3-4 minutes")
-    p.add_argument("--only", default=",".join(SECTIONS),
-                   help=f"comma-separated sections of {','.join(SECTIONS)}")
+    p.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
+                   help=f"comma-separated sections of {','.join(SECTIONS)} (default: all but "
+                        "quality, which has its own run: make bench-quality)")
     p.add_argument("--out-dir", default=str(OUT_DIR), help="where results.{json,md} go")
     p.add_argument("--quality-minutes", type=float, default=None,
                    help="CPU minutes of training per quality variant (default: 1, quick 1/6)")
