@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tarfile
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +196,10 @@ def test_bad_data_and_nan_are_skipped_and_counted(bad_data, env, mlflow_server, 
 
 def test_error_budget_exceeded_fails_in_one_line(bad_data, env, mlflow_server, tmp_path):
     doc = train_doc(bad_data, mlflow_server, "e2e-budget", data={"max_bad_samples": 4})
+    doc["config"]["scaling"]["max_failures"] = 2  # Ray Train would replay the run twice
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    doc["runtime_env"]["env_vars"]["PIPELINE_RECORD_KEYS_DIR"] = str(keys)
     res = OUTPUT["budget"] = cli(tmp_path, "train", doc, env)
     assert res.returncode == 2
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
@@ -203,6 +208,11 @@ def test_error_budget_exceeded_fails_in_one_line(bad_data, env, mlflow_server, t
     assert errors[0].startswith("error: training run 'e2e-budget' failed: BadDataError: rank 0: ")
     assert "exceed max_bad_samples=4; last: " in errors[0]
     assert f"{bad_data}/shard-0000" in errors[0]
+    # the restarts failed at once from the recorded failure instead of re-reading the data:
+    # every step's batch was read once (a replay would log a step's keys twice)
+    assert "; not retried: a restart would fail the same way)" in errors[0]
+    steps = Counter(ln.rsplit(" ", 1)[0] for ln in (keys / "rank0.txt").read_text().splitlines())
+    assert steps and set(steps.values()) == {BATCH}, steps
     run = only_run(mlflow_server.uri, "rel-e2e-budget")
     assert run.info.status == "FAILED"
     counted = history(mlflow_server.uri, run.info.run_id, "bad_samples")

@@ -133,3 +133,31 @@ def test_bad_samples_reconcile_with_the_reader_when_it_raises():
     assert bad.reconcile({"decode_error": 2, "truncated_shard": 1}) == 0  # idempotent
     bad.epoch.clear()  # a new epoch: the reader's count starts again
     assert bad.reconcile({"wrong_size": 1}) == 1 and bad.totals()["wrong_size"] == 1
+
+
+def test_deterministic_failures_are_recorded_once_and_not_replayed(tmp_path):
+    from pipeline.data.errors import BadDataError
+    from pipeline.train import fatal
+    from pipeline.train.step import SkipBudgetExceeded
+
+    url = fatal.fatal_url(str(tmp_path), "run-a")
+    assert url == f"{tmp_path}/run-a/pipeline-fatal.json"
+    fatal.check(url)  # nothing recorded: a first attempt trains
+    assert not fatal.record(url, RuntimeError("a flaky worker"), 3)  # worth a retry
+    fatal.check(url)
+    err = BadDataError("rank 0: 5 bad samples in epoch 0 exceed max_bad_samples=4; last: x")
+    assert fatal.record(url, err, 7)
+    with pytest.raises(BadDataError) as again:  # the restarted attempt fails at once
+        fatal.check(url)
+    assert str(again.value) == (f"{err} (at step 7; not retried: a restart would fail the "
+                                "same way)")
+    fatal.clear(url)  # a new launch
+    fatal.check(url)
+    with pytest.raises(SkipBudgetExceeded, match="^6 steps skipped"):
+        try:
+            SkipBudget(limit=5, count=5).record(True)
+        except SkipBudgetExceeded as e:
+            assert fatal.record(url, e, 40)
+            fatal.check(url)
+    fatal.clear(url)
+    fatal.clear(url)  # clearing nothing is fine

@@ -80,10 +80,13 @@ def run_training(job: TrainJob, address: str | None = None, register: bool = Tru
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pipeline.train import fatal
     from pipeline.train.loop import train_loop
     from pipeline.train.preflight import preflight
 
     preflight(job)  # bad input: one line, before any run, cluster or folder exists
+    # a new launch tries again what an earlier launch recorded as a deterministic failure
+    fatal.clear(fatal.fatal_url(storage_path(job.scaling.storage_path), job.scaling.name))
     spec = RunSpec.from_job(job)
     run_id = _mlflow_run(spec)
     owns_ray = not ray.is_initialized()

@@ -23,10 +23,10 @@ from pipeline.config import TrainJob, build, to_dict
 from pipeline.data.stream import ShardStream, make_loader
 from pipeline.images import grid
 from pipeline.model import VAE, elbo_terms, evaluate, kl_warmup
-from pipeline.train import checkpoint
+from pipeline.train import checkpoint, fatal
 from pipeline.train.metrics import WorkerMetrics
 from pipeline.train.step import BadSamples, Objective, SkipBudget, train_step
-from pipeline.train.tracking import RunSpec, Tracker, mlflow_wait
+from pipeline.train.tracking import RunSpec, Tracker, mlflow_wait, storage_path
 
 
 def lr_lambda(warmup: int, total: int):
@@ -70,6 +70,8 @@ def _gather(counts: dict, world: int) -> list[dict]:
 
 def train_loop(loop_config: dict) -> None:
     job: TrainJob = build(TrainJob, loop_config["job"])
+    fatal_url = fatal.fatal_url(storage_path(job.scaling.storage_path), job.scaling.name)
+    fatal.check(fatal_url)  # an earlier attempt hit a deterministic failure: do not replay it
     run_id: str = loop_config["mlflow_run_id"]  # "" if MLflow was down when the driver started
     spec = RunSpec(**loop_config["mlflow_run"])
     o, d = job.optim, job.data
@@ -216,7 +218,8 @@ def train_loop(loop_config: dict) -> None:
         if tracker is not None and not tracker.flush(wait=mlflow_wait()):
             print(f"warning: MLflow at {tracker.uri} still unreachable at the end of training; "
                   f"{tracker.pending} metric points and images were not logged", flush=True)
-    except BaseException:
+    except BaseException as e:
+        fatal.record(fatal_url, e, step)
         metrics.bad_samples.inc(bad.reconcile(stream.stats()["bad_reasons"]))
         if tracker is not None:  # what was counted up to the failure (bad samples, skips)
             tracker.metrics({"skipped_steps": budget.count,

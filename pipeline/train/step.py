@@ -67,6 +67,10 @@ def train_step(model: nn.Module, vae: VAE, opt: torch.optim.Optimizer, x: torch.
     return StepResult(out, gnorm, False)
 
 
+class SkipBudgetExceeded(PipelineError):
+    """More steps were skipped for a non-finite loss or gradient than ``max_skipped_steps``."""
+
+
 class SkipBudget:
     """Counts skipped steps; more than ``limit`` ends the run with one clear line."""
 
@@ -78,7 +82,7 @@ class SkipBudget:
             return
         self.count += 1
         if self.count > self.limit:
-            raise PipelineError(
+            raise SkipBudgetExceeded(
                 f"{self.count} steps skipped for a non-finite loss or gradient "
                 f"(optim.max_skipped_steps={self.limit}); lower optim.lr or check the data")
 
