@@ -19,6 +19,7 @@ evaluation is extra and timed separately.
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
 import time
@@ -103,6 +104,15 @@ def train_variant(name: str, cpu_seconds: float, batch: int, eval_options: dict)
     trained = {"steps": step, "epochs_started": epoch, "images": step * batch,
                "cpu_seconds": round(time.process_time() - cpu0, 1),
                "wall_seconds": round(time.perf_counter() - wall0, 1)}
+    if eval_options.get("save_dir"):  # the trained weights, to re-evaluate without retraining
+        from dataclasses import asdict
+        from pathlib import Path
+
+        from pipeline.model import save_weights
+
+        path = Path(eval_options["save_dir"], f"{name}.safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(save_weights(vae, metadata={"model_config": json.dumps(asdict(vae.config))}))
     t_eval = time.perf_counter()
     vae.eval()
     res: dict = {}
@@ -139,17 +149,25 @@ def train_variant(name: str, cpu_seconds: float, batch: int, eval_options: dict)
             "eval_wall_seconds": round(time.perf_counter() - t_eval, 1)}
 
 
-def run(settings: Settings, log=print) -> dict:
-    """All variants side by side, one process each (``spawn``: no inherited threads/state)."""
-    variants = list(VARIANTS)
+def run(settings: Settings, log=print, variants: list[str] | None = None,
+        save_dir: str = "") -> dict:
+    """The ``variants`` (default: all) side by side, one process each (``spawn``: no inherited
+    threads/state); trained weights go to ``save_dir`` if given."""
+    variants = list(variants or VARIANTS)
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown quality variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     options = {"test_images": settings.quality_test_images,
                "iwae_k": settings.iwae_k, "iwae_images": settings.iwae_images,
                "bpd_iwae_k": settings.bpd_iwae_k, "bpd_iwae_images": settings.bpd_iwae_images}
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(len(variants), mp_context=ctx) as pool:
         futures = {v: pool.submit(train_variant, v, settings.quality_cpu_seconds, settings.batch,
-                                  options) for v in variants}
+                                  {**options, "save_dir": save_dir}) for v in variants}
         out = {v: f.result() for v, f in futures.items()}
+    for r in out.values():
+        r["run"] = {"started": started, "side_by_side_with": len(variants) - 1}
     for v, r in out.items():
         log(f"quality {v}: {r['train']['steps']} steps, {r['test']}")
     return {"config": {"model": "mnist28 (conv), mnist28_mlp (784-300-300-40)",

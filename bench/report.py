@@ -163,6 +163,15 @@ def quality_section(q: dict) -> list[str]:
                      f"{e.get('psnr_db', float('nan')):.1f}"])
     out += _table(["variant", "model", "steps", "epochs", "CPU s", "wall s", "test",
                    "rate bits", "distortion bits", "PSNR dB"], rows)
+    runs: dict = {}
+    for name, r in v.items():
+        if "run" in r:
+            key = (r["run"]["started"], r["run"]["side_by_side_with"], r["run"]["command"])
+            runs.setdefault(key, []).append(name)
+    if len(runs) > 1:
+        out += ["Runs: " + "; ".join(
+            f"{', '.join(names)}: started {started}, beside {n} other variant(s) (`{cmd}`)"
+            for (started, n, cmd), names in runs.items()) + ".", ""]
     out += ["Published binarized Fashion-MNIST test NLL (Exemplar VAE, Norouzi et al. 2020): "
             "MLP VAE with a Gaussian prior 228.7 nats, conv hierarchical VAE 225.4 nats, after "
             "training to convergence (thousands of epochs). laplace = L1 and gaussian = L2 "

@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="CPU minutes of training per quality variant (default: 1, quick 1/6)")
     p.add_argument("--iwae-images", type=int, default=None,
                    help="test images for the conv variants' IWAE-5000 (default 16, quick 8)")
+    p.add_argument("--quality-variants", default="",
+                   help="re-run only these quality variants (comma-separated) and merge them "
+                        "into OUT_DIR/results.json")
     p.add_argument("--render", action="store_true",
                    help="only re-render results.md and the curve from results.json")
     args = p.parse_args(argv)
@@ -121,7 +124,18 @@ def main(argv: list[str] | None = None) -> int:
                 elif section == "quality":
                     from bench import quality
 
-                    results["quality"] = quality.run(settings, log)
+                    some = [v for v in args.quality_variants.split(",") if v]
+                    q = quality.run(settings, log, some or None,
+                                    save_dir=str(Path(args.out_dir) / "models"))
+                    for v in q["variants"].values():
+                        v["run"]["command"] = command
+                    previous = Path(args.out_dir) / "results.json"
+                    if some and previous.exists():  # keep the other variants' earlier numbers
+                        old = json.loads(previous.read_text())
+                        results["meta"]["merged_into"] = old["meta"]
+                        q["variants"] = {**old["quality"]["variants"], **q["variants"]}
+                        q["config"] = old["quality"]["config"]
+                    results["quality"] = q
                 elif section == "fixes":
                     from bench import fixes
 

@@ -105,6 +105,7 @@ def test_presets_are_valid_and_round_trip_through_asdict():
     assert ModelConfig(channels=(8, 16)).channels == [8, 16]
     mlp = preset("mnist28_mlp")
     assert (mlp.arch, mlp.hidden, mlp.latent_shape) == ("mlp", [300, 300], (40,))
+    assert mlp.logvar_clamp == [-6.0, 2.0]  # the baseline's Hardtanh on the log-variance
     assert ModelConfig(**asdict(mlp)) == mlp
     # the published baseline's size: 784-300-300-80 encoder, 40-300-300-784 decoder
     n_params = sum(p.numel() for p in VAE.from_config(mlp).parameters())
