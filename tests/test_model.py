@@ -70,6 +70,9 @@ def tiny(name: str, **overrides) -> ModelConfig:
         (dict(logvar_clamp=[1.0]), "logvar_clamp", "[low, high]"),
         (dict(deterministic_encoder="yes"), "deterministic_encoder", "bool"),
         (dict(arch="transformer"), "arch", "mlp"),
+        (dict(max_logit=-1.0), "max_logit", ">= 0"),
+        (dict(max_logit=float("inf")), "max_logit", ">= 0"),
+        (dict(likelihood="gaussian", max_logit=5.0), "max_logit", "bernoulli"),
         (dict(arch="mlp", hidden=[]), "hidden", "non-empty"),
         (dict(arch="mlp", hidden=[300, -1]), "hidden", "> 0"),
         (dict(arch="mlp", latent="spatial"), "latent", "arch 'mlp' needs latent 'flat'"),
@@ -106,6 +109,13 @@ def test_presets_are_valid_and_round_trip_through_asdict():
     mlp = preset("mnist28_mlp")
     assert (mlp.arch, mlp.hidden, mlp.latent_shape) == ("mlp", [300, 300], (40,))
     assert mlp.logvar_clamp == [-6.0, 2.0]  # the baseline's Hardtanh on the log-variance
+    # ... and its [1/512, 1 - 1/512] pixel probabilities: a pixel costs at most ln 512 nats
+    lik = VAE.from_config(mlp).likelihood
+    x, wrong = torch.ones(2, 1, 28, 28), torch.full((2, 1, 28, 28), -100.0)
+    assert torch.allclose(lik.log_prob(x, wrong), torch.full((2,), -784 * math.log(512)))
+    assert float(lik.mean(wrong).min()) == pytest.approx(1 / 512)
+    free = VAE.from_config(preset("mnist28")).likelihood  # unclamped: the full cost
+    assert torch.allclose(free.log_prob(x, wrong), torch.full((2,), -784 * 100.0))
     assert ModelConfig(**asdict(mlp)) == mlp
     # the published baseline's size: 784-300-300-80 encoder, 40-300-300-784 decoder
     n_params = sum(p.numel() for p in VAE.from_config(mlp).parameters())
@@ -282,7 +292,7 @@ def test_save_load_round_trip_is_exact():
 
 def test_mlp_save_load_round_trip_is_exact():
     torch.manual_seed(0)
-    cfg = tiny("mnist28_mlp", likelihood="discretized_logistic")
+    cfg = tiny("mnist28_mlp", likelihood="discretized_logistic", max_logit=0.0)
     model = VAE.from_config(cfg).eval()
     data = save_weights(model, metadata={"model_config": json.dumps(asdict(cfg))})
     clone = load_model(json.loads(weights_metadata(data)["model_config"]), data).eval()

@@ -131,19 +131,33 @@ class Laplace(_LocationScale):
 
 
 class Bernoulli(Likelihood):
-    """Bernoulli(x; sigmoid(logits)) for binarized images (x in {0, 1})."""
+    """Bernoulli(x; sigmoid(logits)) for binarized images (x in {0, 1}).
+
+    ``max_logit > 0`` clamps the logits to [-max_logit, max_logit], so no pixel costs more than
+    ln(1 + e^max_logit) nats (ln 512 for max_logit = ln 511: the [1/512, 1 - 1/512] probability
+    clamp of the VampPrior code). Still a normalised Bernoulli; 0 leaves the logits free.
+    """
 
     discrete = True
 
+    def __init__(self, max_logit: float = 0.0):
+        super().__init__()
+        self.max_logit = max_logit
+
+    def _logits(self, params: Tensor) -> Tensor:
+        m = self.max_logit
+        return params.clamp(-m, m) if m > 0 else params
+
     def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
-        x = x.expand_as(params)
-        return -F.binary_cross_entropy_with_logits(params, x, reduction="none").sum(EVENT_DIMS)
+        logits = self._logits(params)
+        x = x.expand_as(logits)
+        return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(EVENT_DIMS)
 
     def mean(self, params: Tensor) -> Tensor:
-        return torch.sigmoid(params)
+        return torch.sigmoid(self._logits(params))
 
     def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return (noise("uniform", params.shape, params, generator) < torch.sigmoid(params)).to(
+        return (noise("uniform", params.shape, params, generator) < self.mean(params)).to(
             params.dtype
         )
 
@@ -252,6 +266,7 @@ def make_likelihood(
     learn_sigma: Literal["none", "global", "channel"] = "none",
     channels: int = 1,
     min_log_scale: float = -7.0,
+    max_logit: float = 0.0,
 ) -> Likelihood:
     """The likelihood named by ``ModelConfig.likelihood``.
 
@@ -263,7 +278,7 @@ def make_likelihood(
     if name == "laplace":
         return Laplace(sigma, learn_sigma, channels, min_log_scale)
     if name == "bernoulli":
-        return Bernoulli()
+        return Bernoulli(max_logit)
     if name == "discretized_logistic":
         return DiscretizedLogistic(min_log_scale)
     if name == "discretized_gaussian":

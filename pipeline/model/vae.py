@@ -321,6 +321,7 @@ class VAE(nn.Module):
             learn_sigma=config.learn_sigma,
             channels=config.in_channels,
             min_log_scale=config.min_log_scale,
+            max_logit=config.max_logit,
         )
         mlp = config.arch == "mlp"
         self.encoder = encoder or (MLPEncoder(config) if mlp else Encoder(config))
