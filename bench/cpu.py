@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 
-from pipeline.services import psutil
+from pipeline.stack import psutil
 
 
 def _group(proc) -> str:

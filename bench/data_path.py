@@ -11,7 +11,7 @@ import io
 from pathlib import Path
 
 from bench.common import Settings, median, ratio, rnd
-from pipeline.data.bench import _epoch, _folder_run, _memory_run, _stream_run
+from pipeline.data.bench import folder_run, memory_run, stream_run, timed_epoch
 from pipeline.data.config import IngestConfig
 from pipeline.data.ingest import ingest
 from pipeline.data.shards import tar_samples
@@ -58,17 +58,17 @@ def measure(data: dict, settings: Settings) -> dict:
     """All 10 configurations of one dataset, interleaved, ``settings.repeats`` times."""
     size, channels = data["size"], data["channels"]
     batch = settings.data_batch_256 if size > 64 else settings.data_batch
-    runs = {"memory": _memory_run(data["samples"], size, channels, batch)}
+    runs = {"memory": memory_run(data["samples"], size, channels, batch)}
     for n in settings.data_workers:
-        runs[f"local_w{n}"] = _stream_run(data["local"], batch, n)
-        runs[f"s3_w{n}"] = _stream_run(data["s3"], batch, n)
-        runs[f"folder_w{n}"] = _folder_run(data["files"], size, channels, batch, n)
+        runs[f"local_w{n}"] = stream_run(data["local"], batch, n)
+        runs[f"s3_w{n}"] = stream_run(data["s3"], batch, n)
+        runs[f"folder_w{n}"] = folder_run(data["files"], size, channels, batch, n)
     for run in runs.values():  # warm-up: page cache, forkserver, S3 connection pool
-        _epoch(run)
+        timed_epoch(run)
     epochs: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     for _ in range(settings.repeats):  # interleaved: a noisy moment hits every path alike
         for name, run in runs.items():
-            epochs[name].append(_epoch(run))
+            epochs[name].append(timed_epoch(run))
     rates = {k: rnd(median(r for r, _ in v)) for k, v in epochs.items()}
     spread = {k: [rnd(r) for r, _ in v] for k, v in epochs.items()}
     firsts = {k: round(median(f for _, f in v), 3) for k, v in epochs.items()}

@@ -24,9 +24,9 @@ from torch.utils.data import get_worker_info
 from bench.common import Settings, median, rnd
 from pipeline import storage
 from pipeline.data import WORKER_PRELOAD
-from pipeline.data.bench import _epoch
+from pipeline.data.bench import timed_epoch
 from pipeline.data.config import StreamConfig
-from pipeline.data.stream import ShardStream, StreamLoader, _as_is, _worker_init, make_loader
+from pipeline.data.stream import ShardStream, StreamLoader, as_is, make_loader, worker_init
 
 
 class TensorBatchStream(ShardStream):
@@ -41,7 +41,7 @@ class TensorBatchStream(ShardStream):
 
 
 def _init_worker(environ: dict, worker_id: int) -> None:
-    _worker_init(environ, worker_id)
+    worker_init(environ, worker_id)
     torch.multiprocessing.set_sharing_strategy("file_system")
 
 
@@ -54,7 +54,7 @@ def _batches(url: str, batch: int, workers: int, variant: str):
     if variant == "after":
         return make_loader(stream)
     # also sharing memory by file name: not applied (can leak /dev/shm when a worker dies)
-    return StreamLoader(stream, workers, prefetch_factor=2, collate_fn=_as_is,
+    return StreamLoader(stream, workers, prefetch_factor=2, collate_fn=as_is,
                         multiprocessing_context=storage.process_context(WORKER_PRELOAD),
                         worker_init_fn=partial(_init_worker, dict(os.environ)))
 
@@ -77,11 +77,11 @@ def loader_fix(settings: Settings, url: str, reps: int) -> list[dict]:
     variants = ("before", "after", "after_file_system")
     runs = {(w, v): _loader_run(url, settings.data_batch, w, v) for w in (1, 2) for v in variants}
     for run in runs.values():
-        _epoch(run)
+        timed_epoch(run)
     rates: dict = {k: [] for k in runs}
     for _ in range(reps):
         for k, run in runs.items():
-            rates[k].append(_epoch(run)[0])
+            rates[k].append(timed_epoch(run)[0])
     identical = same_batches(url, settings.data_batch)
     out = []
     for w in (1, 2):

@@ -63,7 +63,7 @@ def target_sampler(seconds: float) -> None:
 
     from bench.sampling import model
     from pipeline.model import save_weights
-    from pipeline.sample_large import Sampler
+    from pipeline.serve.bulk import Sampler
 
     torch.set_num_threads(1)
     m = model()

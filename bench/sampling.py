@@ -17,10 +17,10 @@ import torch
 from bench.common import Settings, Stopwatch, median, ratio, rnd
 from bench.cpu import CpuMeter
 from bench.loops import MODEL
-from pipeline.config import SampleConfig
 from pipeline.model import VAE, preset, save_weights
-from pipeline.registry import LoadedModel
-from pipeline.sample_large import Sampler, generate
+from pipeline.serve.bulk import Sampler, generate
+from pipeline.serve.config import SampleConfig
+from pipeline.serve.registry import LoadedModel
 
 
 def model() -> LoadedModel:

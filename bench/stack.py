@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline import services
+from pipeline import stack
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,11 +27,11 @@ class BenchStack:
         self.dir = Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
         self.num_cpus, self.with_ray, self.with_mlflow = num_cpus, with_ray, with_mlflow
         self.s3 = self.mlflow = self.ray = None
-        self.started: list[services.Service] = []
+        self.started: list[stack.Service] = []
         self.startup_seconds: dict[str, float] = {}
         self._saved_env: dict[str, str | None] = {}
 
-    def _start(self, svc: services.Service) -> None:
+    def _start(self, svc: stack.Service) -> None:
         self.started.append(svc)
         t0 = time.perf_counter()
         svc.start()
@@ -44,19 +44,19 @@ class BenchStack:
 
     def __enter__(self) -> BenchStack:
         try:
-            self.s3 = services.SeaweedFS(self.dir, access_key="BENCH" + secrets.token_hex(8).upper(),
+            self.s3 = stack.SeaweedFS(self.dir, access_key="BENCH" + secrets.token_hex(8).upper(),
                                          secret_key=secrets.token_hex(20))
             self._start(self.s3)
             self._setenv(self.s3.env)
             if self.with_mlflow:
                 bucket = self.s3.make_bucket("mlflow")
-                self.mlflow = services.MlflowServer(self.dir, None, f"{bucket}/artifacts", self.s3)
+                self.mlflow = stack.MlflowServer(self.dir, None, f"{bucket}/artifacts", self.s3)
                 self._start(self.mlflow)
                 self._setenv({"MLFLOW_TRACKING_URI": self.mlflow.uri})
             if self.with_ray:
                 # PYTHONPATH: Ray workers import bench.loops (bench/ is not an installed package)
                 env = {**self.s3.env, "PYTHONPATH": str(REPO_ROOT)}
-                self.ray = services.RayHead(self.dir, num_cpus=self.num_cpus, env=env,
+                self.ray = stack.RayHead(self.dir, num_cpus=self.num_cpus, env=env,
                                             object_store_memory=512 * 2**20)
                 self._start(self.ray)
                 self._setenv({**self.ray.client_env, "PYTHONPATH": str(REPO_ROOT)})
@@ -106,7 +106,7 @@ class BenchStack:
             svc = self.started.pop()
             try:
                 stopped += svc.stop()
-            except services.ServiceError as e:
+            except stack.ServiceError as e:
                 print(f"bench: {e}", flush=True)
         for key, value in self._saved_env.items():
             if value is None:

@@ -21,9 +21,10 @@ from bench.common import Settings, Stopwatch, later_half, median, ratio, rnd
 from bench.cpu import CpuMeter
 from bench.loops import MODEL, minimal_loop
 from bench.stack import REPO_ROOT, BenchStack
-from pipeline.config import TrainJob, build
 from pipeline.data.config import IngestConfig
 from pipeline.data.ingest import ingest
+from pipeline.train.config import TrainJob
+from pipeline.typed import build
 
 
 def ingest_fmnist(s3_url: str, count: int) -> str:
@@ -134,7 +135,7 @@ def torchtrainer_run(settings: Settings, stack: BenchStack, name: str, out: Path
 
 
 def torchrun_run(settings: Settings, out: Path) -> dict:
-    from pipeline.services import free_port
+    from pipeline.stack import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),

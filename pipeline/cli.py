@@ -34,7 +34,7 @@ def redact(text: str) -> str:
 
 
 def _load(path: str, kind: str | None = None):
-    from pipeline.config import load_job
+    from pipeline.jobs import load_job
 
     job = load_job(path)
     if kind and job.kind != kind:
@@ -84,7 +84,7 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     _stack_env()
-    from pipeline.evaluate import main as evaluate_main
+    from pipeline.serve.evaluate import main as evaluate_main
 
     return evaluate_main(args)
 
@@ -92,7 +92,7 @@ def cmd_evaluate(args) -> int:
 def cmd_sample(args) -> int:
     job = _load(args.file, "sample")
     _stack_env()
-    from pipeline.sample import run_sample
+    from pipeline.serve.gallery import run_sample
 
     config = dataclasses.replace(job.config, tracking=job.config.tracking.resolved())
     run_sample(config, if_new_version=args.if_new_version)

@@ -29,3 +29,15 @@ class ConfigError(PipelineError, ValueError):
         """The same error with ``prefix.`` prepended to its key and ``file`` set."""
         key = f"{prefix}.{self.key}" if prefix and self.key else (prefix or self.key)
         return ConfigError(key, self.msg, file or self.file)
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first non-blank line of ``str(e)`` (at most ``limit`` characters), else the type name.
+
+    Library errors (botocore, MLflow, Ray) often carry a multi-line body; a user-facing
+    message keeps only its headline.
+    """
+    for line in str(e).strip().splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return type(e).__name__

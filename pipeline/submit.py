@@ -6,8 +6,8 @@ import os
 import sys
 import time
 
-from pipeline.config import JobSpec
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
+from pipeline.jobs import JobSpec
 
 # Never shipped to the cluster: keeps the upload under Ray's 100 MiB working_dir cap.
 DEFAULT_EXCLUDES = [
@@ -35,7 +35,7 @@ def submit(job: JobSpec, address: str | None = None, wait: bool = True, poll: fl
     try:
         client = JobSubmissionClient(address)
     except Exception as e:  # connection refused, auth refused, version mismatch
-        raise PipelineError(f"cannot reach the Ray job server at {address}: {_first_line(e)}") from None
+        raise PipelineError(f"cannot reach the Ray job server at {address}: {first_line(e)}") from None
     job_id = client.submit_job(entrypoint=job.entrypoint, runtime_env=runtime_env_for(job))
     print(f"submitted {job.path or job.kind} as {job_id} to {address}", flush=True)
     if not wait:
@@ -54,7 +54,3 @@ def submit(job: JobSpec, address: str | None = None, wait: bool = True, poll: fl
     print(f"job {job_id}: {status}", flush=True)
     return 0 if status == "SUCCEEDED" else 1
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipeline import services  # noqa: E402
+from pipeline import stack  # noqa: E402
 
-_started: list[services.Service] = []
+_started: list[stack.Service] = []
 
 
 def _interrupt(signum, frame):
@@ -50,14 +50,14 @@ def _stop_all() -> None:
         svc = _started.pop()
         try:
             svc.stop()
-        except services.ServiceError as e:  # keep stopping the others
+        except stack.ServiceError as e:  # keep stopping the others
             print(f"conftest: {e}", file=sys.stderr)
 
 
 atexit.register(_stop_all)  # backstop if a finalizer never ran
 
 
-def _run(svc: services.Service):
+def _run(svc: stack.Service):
     """Start ``svc``, yield it, stop it: the body of every service fixture."""
     _started.append(svc)
     try:
@@ -81,7 +81,7 @@ def services_dir():
 def s3(services_dir):
     import secrets
 
-    yield from _run(services.SeaweedFS(
+    yield from _run(stack.SeaweedFS(
         services_dir, access_key="TEST" + secrets.token_hex(8).upper(),
         secret_key=secrets.token_hex(20),
     ))  # fmt: skip
@@ -97,13 +97,13 @@ def s3_env(s3, monkeypatch):
 @pytest.fixture(scope="session")
 def mlflow_server(s3, services_dir):
     bucket = s3.make_bucket("mlflow-test")
-    yield from _run(services.MlflowServer(services_dir, None, f"{bucket}/artifacts", s3))
+    yield from _run(stack.MlflowServer(services_dir, None, f"{bucket}/artifacts", s3))
 
 
 class RayCluster:
     """Handle on the session's Ray head, for clients."""
 
-    def __init__(self, head: services.RayHead):
+    def __init__(self, head: stack.RayHead):
         self.head = head
         self.address = head.address
         self.dashboard_url = head.dashboard_url
@@ -136,7 +136,7 @@ def ray_cluster(s3, services_dir):
     import ray
     import ray._private.ray_constants as ray_constants
 
-    head = services.RayHead(services_dir, num_cpus=4, env=s3.env,
+    head = stack.RayHead(services_dir, num_cpus=4, env=s3.env,
                             object_store_memory=512 * 2**20)  # fmt: skip
     env = pytest.MonkeyPatch()
     for h in _run(head):
@@ -169,11 +169,11 @@ def ray_env(ray_cluster):
 @pytest.fixture(scope="session")
 def prometheus_bin():
     try:
-        return services.prometheus_bin()
-    except services.ServiceError as e:
+        return stack.prometheus_bin()
+    except stack.ServiceError as e:
         pytest.skip(str(e))
 
 
 @pytest.fixture(scope="session")
 def prometheus(prometheus_bin, services_dir):
-    yield from _run(services.Prometheus(services_dir, scrape_interval="1s"))
+    yield from _run(stack.Prometheus(services_dir, scrape_interval="1s"))

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from pipeline import cli
-from pipeline.config import TrainJob, build, flatten, load_job, to_dict
+from pipeline.jobs import load_job
+from pipeline.train.config import TrainJob
+from pipeline.typed import build, flatten, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD = sorted((ROOT / "tests/fixtures/bad_configs").glob("*.yaml"))

@@ -22,14 +22,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import services, storage
-from pipeline.cluster_node import RayWorkerNode
-from pipeline.config import load_job
+from pipeline import stack, storage
 from pipeline.data.config import IngestConfig
 from pipeline.data.ingest import ingest
+from pipeline.jobs import load_job
 from pipeline.submit import runtime_env_for
 from pipeline.train import checkpoint
 from tests.helpers import LOOPBACK_IPS, wait_for
+from tests.ray_node import RayWorkerNode
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ NAME = "multinode"
 OBJECT_STORE = 256 * 2**20
 
 
-def state(head: services.RayHead, kind: str, **filters: str) -> list[dict]:
+def state(head: stack.RayHead, kind: str, **filters: str) -> list[dict]:
     """Ray's state API (``ray list actors|nodes|placement-groups``) over HTTP with the head's
     token; ``ray.util.state`` would take the token from process-wide env instead."""
     query = urllib.parse.urlencode({
@@ -58,23 +58,23 @@ def state(head: services.RayHead, kind: str, **filters: str) -> list[dict]:
         return json.load(r)["data"]["result"]["result"]
 
 
-def train_workers(head: services.RayHead) -> list[dict]:
+def train_workers(head: stack.RayHead) -> list[dict]:
     return state(head, "actors", class_name="RayTrainWorker", state="ALIVE")
 
 
-def listening(svc: services.Service) -> set[tuple[str, int]]:
+def listening(svc: stack.Service) -> set[tuple[str, int]]:
     """(ip, port) of every LISTEN socket held by ``svc``'s processes."""
     found = set()
     for proc in svc.processes():
         try:
             conns = proc.net_connections(kind="inet")
-        except services.psutil().Error:
+        except stack.psutil().Error:
             continue
         found |= {(c.laddr.ip, c.laddr.port) for c in conns if c.status == "LISTEN"}
     return found
 
 
-def train_runs(head: services.RayHead) -> list[dict]:
+def train_runs(head: stack.RayHead) -> list[dict]:
     """Ray Train V2's own record of its runs and their attempts (the dashboard's Train view;
     needs RAY_TRAIN_ENABLE_STATE_TRACKING=1 in the driver)."""
     req = urllib.request.Request(f"{head.dashboard_url}/api/train/v2/runs/v1",
@@ -85,10 +85,10 @@ def train_runs(head: services.RayHead) -> list[dict]:
 
 def leftovers(markers: set[str]) -> list[int]:
     """PIDs of live processes carrying one of our service markers."""
-    ps, found = services.psutil(), []
+    ps, found = stack.psutil(), []
     for proc in ps.process_iter():
         try:
-            if proc.environ().get(services.MARKER_ENV) in markers and services._alive(proc):
+            if proc.environ().get(stack.MARKER_ENV) in markers and stack.alive(proc):
                 found.append(proc.pid)
         except (ps.Error, OSError):
             continue
@@ -100,7 +100,7 @@ def cluster(s3):
     """A head and a worker node, 1 CPU each, S3 credentials in both; every process of
     theirs (also of killed node incarnations) is gone afterwards."""
     state_dir = Path(tempfile.mkdtemp(prefix="pl-mn-", dir="/tmp"))  # short: unix sockets
-    head = services.RayHead(state_dir, num_cpus=1, env=s3.env, object_store_memory=OBJECT_STORE)
+    head = stack.RayHead(state_dir, num_cpus=1, env=s3.env, object_store_memory=OBJECT_STORE)
     node = RayWorkerNode(state_dir, head, num_cpus=1, env=s3.env,
                          object_store_memory=OBJECT_STORE)  # fmt: skip
     markers: set[str] = set()
@@ -114,7 +114,7 @@ def cluster(s3):
         mine = [p for svc in (node, head) for p in svc.processes()]
         node.stop()
         head.stop()
-        survivors = [p.pid for p in mine if services._alive(p)] + leftovers(markers)
+        survivors = [p.pid for p in mine if stack.alive(p)] + leftovers(markers)
         shutil.rmtree(state_dir, ignore_errors=True)
         assert not survivors, f"processes left behind: {survivors}"
 
@@ -145,7 +145,7 @@ def write_job(path: Path, data_url: str, mlflow_uri: str, env_vars: dict[str, st
     path.write_text(yaml.safe_dump({
         "kind": "train",
         "entrypoint": f"python -m pipeline train {path}",
-        "runtime_env": {"working_dir": str(services.REPO_ROOT), "env_vars": env_vars},
+        "runtime_env": {"working_dir": str(stack.REPO_ROOT), "env_vars": env_vars},
         "config": {
             "data": {"train_url": f"{data_url}/train", "test_url": f"{data_url}/test",
                      "num_workers": 0, "shuffle_buffer": 64},

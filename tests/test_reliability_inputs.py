@@ -32,7 +32,7 @@ from pipeline import cli, storage
 from pipeline.data.config import IngestConfig
 from pipeline.data.ingest import ingest
 from pipeline.data.manifest import Manifest, ShardInfo, write_manifest
-from pipeline.services import free_port
+from pipeline.stack import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD = sorted((ROOT / "tests/fixtures/bad_inputs").glob("*.yaml"))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import services
+from pipeline import stack
 from pipeline.train import driver
 from pipeline.train.tracking import (
     RUN_TAG,
@@ -35,7 +35,7 @@ fmnist_url, ray_session = test_train.fmnist_url, test_train.ray_session  # share
 def own_mlflow():
     """A dedicated MLflow server, not started; stopped and removed afterwards."""
     state = Path(tempfile.mkdtemp(prefix="pl-mf-", dir="/tmp"))
-    svc = services.MlflowServer(state)
+    svc = stack.MlflowServer(state)
     try:
         yield svc
     finally:

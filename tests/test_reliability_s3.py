@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import services
+from pipeline import stack
 from pipeline.data.config import IngestConfig, StreamConfig
 from pipeline.data.errors import DataError
 from pipeline.data.ingest import ingest
@@ -32,13 +32,13 @@ class OwnS3:
     def __init__(self, state: Path):
         import secrets
 
-        self.svc = services.SeaweedFS(state, access_key="REL" + secrets.token_hex(6).upper(),
+        self.svc = stack.SeaweedFS(state, access_key="REL" + secrets.token_hex(6).upper(),
                                       secret_key=secrets.token_hex(16))
 
-    def again(self) -> services.SeaweedFS:
+    def again(self) -> stack.SeaweedFS:
         """The same server: same ports, same data dir, same identity."""
         s = self.svc
-        return services.SeaweedFS(s.state_dir, s.s3_port, access_key=s.access_key,
+        return stack.SeaweedFS(s.state_dir, s.s3_port, access_key=s.access_key,
                                   secret_key=s.secret_key, ports=s.role_ports)
 
     def up(self) -> None:

@@ -13,13 +13,15 @@ import torch
 from PIL import Image
 
 from pipeline import cli, storage
-from pipeline.config import SampleJob, TrainJob, build
 from pipeline.data.config import IngestConfig
 from pipeline.data.heldout import read_images
 from pipeline.data.ingest import ingest
 from pipeline.model import VAE, elbo_terms
-from pipeline.sample import MARKER, config_hash, run_sample
+from pipeline.serve.config import SampleJob
+from pipeline.serve.gallery import MARKER, config_hash, run_sample
 from pipeline.train import checkpoint
+from pipeline.train.config import TrainJob
+from pipeline.typed import build
 
 MODEL = {"image_size": 28, "in_channels": 1, "channels": [8, 16], "latent_dim": 8,
          "likelihood": "bernoulli"}
@@ -166,11 +168,11 @@ def test_clear_errors(case, registered, s3_env, mlflow_server, tmp_path, capsys,
     elif case == "missing_alias":
         s["model_alias"] = "production"
     elif case == "mlflow_down":
-        from pipeline.services import free_port
+        from pipeline.stack import free_port
 
         uri = f"http://127.0.0.1:{free_port()}"
     else:
-        from pipeline.services import free_port
+        from pipeline.stack import free_port
 
         dead = f"http://127.0.0.1:{free_port()}"
         monkeypatch.setenv("AWS_ENDPOINT_URL", dead)

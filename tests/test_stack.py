@@ -17,17 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import services, stack
+from pipeline import stack
 from tests.helpers import LOOPBACK_IPS, wait_for
 
 
-def listening(svc: services.Service) -> set[tuple[str, int]]:
+def listening(svc: stack.Service) -> set[tuple[str, int]]:
     """(ip, port) of every LISTEN socket held by ``svc``'s processes."""
     found = set()
     for proc in svc.processes():
         try:
             conns = proc.net_connections(kind="inet")
-        except services.psutil().Error:
+        except stack.psutil().Error:
             continue
         found |= {(c.laddr.ip, c.laddr.port) for c in conns if c.status == "LISTEN"}
     return found
@@ -226,7 +226,7 @@ def test_prometheus_scrapes_file_sd_target(prometheus):
     registry = prometheus_client.CollectorRegistry()
     gauge = prometheus_client.Gauge("pipeline_test_gauge", "a test value", registry=registry)
     gauge.set(42.5)
-    port = services.free_port()
+    port = stack.free_port()
     server, thread = prometheus_client.start_http_server(port, "127.0.0.1", registry=registry)
     target = prometheus.targets_dir / "test-worker.json"
     try:
@@ -272,7 +272,7 @@ def test_stack_up_idempotent_down_leaves_nothing(stack_dir, monkeypatch, prometh
     creds = stack_dir / "credentials.env"
     assert creds.stat().st_mode & 0o777 == 0o600
     assert (stack_dir / "ray_auth_token").stat().st_mode & 0o777 == 0o600
-    secret = stack._read_env_file(creds)["AWS_SECRET_ACCESS_KEY"]
+    secret = stack.read_env_file(creds)["AWS_SECRET_ACCESS_KEY"]
     assert secret not in (stack_dir / "env").read_text()
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI", "RAY_ADDRESS",
                 "RAY_AUTH_MODE", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):  # fmt: skip
@@ -318,7 +318,7 @@ def test_stack_up_idempotent_down_leaves_nothing(stack_dir, monkeypatch, prometh
     procs = [p for svc in stack.services(stack_dir) for p in svc.processes()]
     stopped = dict(stack.down(stack_dir))
     assert list(stopped) == names[::-1] and all(stopped.values())
-    assert not [p.pid for p in procs if services._alive(p)]
+    assert not [p.pid for p in procs if stack.alive(p)]
     assert not [p for svc in stack.services(stack_dir) for p in svc.processes()]
     assert [ok for *_, ok in stack.status(stack_dir)] == [False] * 4
     assert dict(stack.down(stack_dir)) == {n: [] for n in names[::-1]}  # nothing left to stop

@@ -13,14 +13,15 @@ import pytest
 import torch
 
 from pipeline import storage
-from pipeline.config import TrainJob, build, to_dict
 from pipeline.data.config import IngestConfig
 from pipeline.data.ingest import ingest
 from pipeline.data.stream import ShardStream, make_loader
 from pipeline.model import build_model
 from pipeline.train import checkpoint
+from pipeline.train.config import TrainJob
 from pipeline.train.driver import run_training
 from pipeline.train.loop import eval_metrics
+from pipeline.typed import build, to_dict
 
 pytestmark = pytest.mark.slow
 

@@ -36,7 +36,7 @@ from pipeline.data.stream import ShardStream, make_loader
 from pipeline.data.transforms import batched, collate, decode, decode_image, fill_bad, pipeline
 
 
-def _epoch(batches) -> tuple[float, float]:
+def timed_epoch(batches) -> tuple[float, float]:
     """One epoch: steady images/s (after the first batch) and seconds to the first batch.
 
     ``batches()`` returns an iterable of batch sizes. Worker start-up and first S3
@@ -52,7 +52,7 @@ def _epoch(batches) -> tuple[float, float]:
     return (n - first_n) / max(end - first_at, 1e-9), first_at - t0
 
 
-def _memory_run(samples: list[dict], size: int, channels: int, batch_size: int):
+def memory_run(samples: list[dict], size: int, channels: int, batch_size: int):
     shape = (channels, size, size)
 
     def run():
@@ -66,7 +66,7 @@ def _memory_run(samples: list[dict], size: int, channels: int, batch_size: int):
     return run
 
 
-def _stream_run(url: str, batch_size: int, workers: int):
+def stream_run(url: str, batch_size: int, workers: int):
     def run():
         stream = ShardStream(StreamConfig(train_url=url), rank=0, world_size=1,
                              batch_size=batch_size, num_workers=workers)
@@ -90,7 +90,7 @@ class FileDataset(Dataset):
         return torch.from_numpy(pixels.copy()).float().div_(255)
 
 
-def _folder_run(files: list[Path], size: int, channels: int, batch_size: int, workers: int):
+def folder_run(files: list[Path], size: int, channels: int, batch_size: int, workers: int):
     def run():
         loader = DataLoader(FileDataset(files, size, channels), batch_size=batch_size,
                             shuffle=True, drop_last=True, num_workers=workers)
@@ -125,20 +125,20 @@ def run_bench(count: int, size: int, mode: str, batch_size: int, workers: list[i
                                 "torch_threads": torch.get_num_threads()},
                      "images_per_second": {}, "first_batch_seconds": {}}
     rates, firsts = results["images_per_second"], results["first_batch_seconds"]
-    runs = {"memory": _memory_run(samples, size, channels, batch_size)}
+    runs = {"memory": memory_run(samples, size, channels, batch_size)}
     if s3_url:
         ingest(IngestConfig(output_url=s3_url, **base), progress=False)
     for n in workers:
-        runs[f"local_w{n}"] = _stream_run(manifest.url, batch_size, n)
+        runs[f"local_w{n}"] = stream_run(manifest.url, batch_size, n)
         if s3_url:
-            runs[f"s3_w{n}"] = _stream_run(f"{s3_url.rstrip('/')}/train", batch_size, n)
-        runs[f"folder_w{n}"] = _folder_run(files, size, channels, batch_size, n)
+            runs[f"s3_w{n}"] = stream_run(f"{s3_url.rstrip('/')}/train", batch_size, n)
+        runs[f"folder_w{n}"] = folder_run(files, size, channels, batch_size, n)
     for run in runs.values():  # warm-up: page cache, forkserver, connection pools
-        _epoch(run)
+        timed_epoch(run)
     epochs: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     for _ in range(repeats):  # interleaved, so a noisy moment hits every path alike
         for name, run in runs.items():
-            epochs[name].append(_epoch(run))
+            epochs[name].append(timed_epoch(run))
     for name, values in epochs.items():
         rates[name] = round(statistics.median(v[0] for v in values), 1)
         firsts[name] = round(statistics.median(v[1] for v in values), 3)

@@ -103,7 +103,7 @@ def _member_bytes(n: int) -> int:
     return 512 + (n + 511) // 512 * 512  # header + data padded to 512-byte blocks
 
 
-class _ShardWriter:
+class ShardWriter:
     """Packs encoded samples into in-memory tars and publishes them in a background thread."""
 
     def __init__(self, split_url: str, config: IngestConfig):
@@ -167,7 +167,7 @@ def order(n: int, config: IngestConfig, split: str) -> list[int]:
     return idx.tolist()
 
 
-class _Stats:
+class IngestStats:
     """Running count, sizes, modes and per-channel pixel sums of a split."""
 
     def __init__(self):
@@ -223,7 +223,7 @@ def ingest_split(source, split: str, config: IngestConfig, pool, progress: bool)
         storage.remove(storage.join(split_url, MANIFEST), config.storage_options)
     indices = order(source.splits[split], config, split)
     jobs = [(split, i, f"{split}-{i:08d}") for i in indices]
-    writer, stats = _ShardWriter(split_url, config), _Stats()
+    writer, stats = ShardWriter(split_url, config), IngestStats()
     results = pool.imap(_encode_one, jobs, chunksize=64) if pool else map(_encode_one, jobs)
     for e in tqdm(results, total=len(jobs), desc=f"ingest {split}", unit="img",
                   disable=not progress):

@@ -355,11 +355,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _worker_init(environ: dict, worker_id: int) -> None:
+def worker_init(environ: dict, worker_id: int) -> None:
     storage.inherit_environ(environ)
 
 
-def _as_is(batch: dict) -> dict:
+def as_is(batch: dict) -> dict:
     """Batches arrive ready: no ``default_convert`` (it would turn numpy back into tensors)."""
     return batch
 
@@ -376,7 +376,7 @@ def make_loader(stream: ShardStream, num_workers: int | None = None,
     workers = stream.num_workers if num_workers is None else num_workers
     kwargs = {}
     if workers > 0:
-        kwargs = {"prefetch_factor": prefetch_factor, "collate_fn": _as_is,
+        kwargs = {"prefetch_factor": prefetch_factor, "collate_fn": as_is,
                   "multiprocessing_context": storage.process_context(WORKER_PRELOAD),
-                  "worker_init_fn": partial(_worker_init, dict(os.environ))}
+                  "worker_init_fn": partial(worker_init, dict(os.environ))}
     return StreamLoader(stream, workers, pin_memory=pin_memory, **kwargs)

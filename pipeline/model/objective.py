@@ -180,7 +180,7 @@ def psnr(x: Tensor, x_hat: Tensor) -> Tensor:
     return -10.0 * torch.log10(mse)
 
 
-def _images(batch: Any) -> Tensor:
+def images_of(batch: Any) -> Tensor:
     if isinstance(batch, Tensor):
         return batch
     if isinstance(batch, (tuple, list)):
@@ -232,7 +232,7 @@ def evaluate(
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
-            x = _images(batch).to(next(model.parameters()).device)
+            x = images_of(batch).to(next(model.parameters()).device)
             dims = _num_dims(x)
             posterior = model.encode(x)
             mu = posterior.mode().flatten(1).double()  # (B, U)

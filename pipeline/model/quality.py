@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .likelihoods import noise
-from .objective import _images, evaluate
+from .objective import evaluate, images_of
 from .vae import VAE
 
 
@@ -29,7 +29,7 @@ def quantize_8bit(x: Tensor) -> Tensor:
 
 def _mapped(batches: Iterable[Any], fn: Any) -> Iterator[Tensor]:
     for batch in batches:
-        yield fn(_images(batch))
+        yield fn(images_of(batch))
 
 
 def fashion_mnist_nll(

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 from pipeline.model.io import load_weights, save_weights
 
 CHECKSUMS = "checksums.json"
@@ -83,7 +83,7 @@ def _parse(d: Path, name: str, sums: dict[str, str], parse) -> Any:
     try:
         return parse(data)
     except Exception as e:  # safetensors/torch/json errors on a corrupt or hostile file
-        first = (str(e).strip().splitlines() or [""])[0][:200]
+        first = first_line(e, 200)
         raise CheckpointError(f"{d / name}: unreadable ({type(e).__name__}: {first})") from None
 
 

@@ -14,8 +14,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import TrainJob, to_dict
 from pipeline.errors import PipelineError
+from pipeline.train.config import TrainJob
 from pipeline.train.tracking import (
     RunSpec,
     find_or_create_run,
@@ -24,6 +24,7 @@ from pipeline.train.tracking import (
     storage_path,
     wait_for_run,
 )
+from pipeline.typed import to_dict
 
 __all__ = ["TrainResult", "ray_address", "register_model", "run_training", "storage_path"]
 
@@ -203,7 +204,7 @@ def register_model(job: TrainJob, run_id: str, ckpt) -> tuple[str, str]:
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=str(Path(__file__).resolve().parents[1] / "serving.py"),
+                python_model=str(Path(__file__).resolve().parents[1] / "serve" / "pyfunc.py"),
                 artifacts={"weights": str(wpath), "config": str(cpath)},
                 code_paths=[str(Path(__file__).resolve().parents[1])],
                 signature=infer_signature(example, recon),

@@ -19,14 +19,15 @@ from pathlib import Path
 import ray.train
 import torch
 
-from pipeline.config import TrainJob, build, to_dict
 from pipeline.data.stream import ShardStream, make_loader
-from pipeline.images import grid
 from pipeline.model import VAE, elbo_terms, evaluate, kl_warmup
+from pipeline.serve.images import grid
 from pipeline.train import checkpoint, fatal
+from pipeline.train.config import TrainJob
 from pipeline.train.metrics import WorkerMetrics
 from pipeline.train.step import BadSamples, Objective, SkipBudget, train_step
 from pipeline.train.tracking import RunSpec, Tracker, mlflow_wait, storage_path
+from pipeline.typed import build, to_dict
 
 
 def lr_lambda(warmup: int, total: int):

@@ -8,10 +8,10 @@ bad input fails in seconds with one line naming the URL and the key, leaving not
 from __future__ import annotations
 
 from pipeline import storage
-from pipeline.config import TrainJob
 from pipeline.data.errors import DataError
 from pipeline.data.manifest import MANIFEST, Manifest
 from pipeline.errors import ConfigError
+from pipeline.train.config import TrainJob
 
 
 def preflight(job: TrainJob) -> None:

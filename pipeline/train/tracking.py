@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import TrainJob, flatten, to_dict
+from pipeline.train.config import TrainJob
+from pipeline.typed import flatten, to_dict
 
 log = logging.getLogger(__name__)
 

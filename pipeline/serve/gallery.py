@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 from pipeline import storage
-from pipeline.config import SampleConfig, SampleJob, to_dict
-from pipeline.errors import PipelineError
-from pipeline.images import grid, png_bytes
-from pipeline.registry import LoadedModel, ModelRef, load, resolve
+from pipeline.errors import PipelineError, first_line
+from pipeline.serve.config import SampleConfig, SampleJob
+from pipeline.serve.images import grid, png_bytes
+from pipeline.serve.registry import LoadedModel, ModelRef, load, resolve
 from pipeline.train.tracking import public_uri
+from pipeline.typed import to_dict
 
 MARKER = "_SUCCESS.json"
 
@@ -111,7 +112,7 @@ def run_sample(job: SampleJob, if_new_version: bool = False) -> str | None:
     m = load(ref, version, mv)
     _check_tracking(job)  # before any output: the gallery is logged there at the end
     if s.num_samples:
-        from pipeline.sample_large import generate
+        from pipeline.serve.bulk import generate
 
         generate(m, s, storage.join(url, "samples"))
     t0 = time.perf_counter()
@@ -129,7 +130,7 @@ def run_sample(job: SampleJob, if_new_version: bool = False) -> str | None:
                 storage.remove(storage.join(url, name), retries=0)
         if isinstance(e, PipelineError):
             raise
-        first = (str(e).strip().splitlines() or [""])[0]
+        first = first_line(e)
         raise PipelineError(f"gallery {url}: {type(e).__name__}: {first}") from e
     marker = {"model": s.model_name, "version": version, "train_run_id": m.train_run_id,
               "gallery_run_id": run_id, "files": sorted(files), "config": to_dict(s),
@@ -141,11 +142,11 @@ def run_sample(job: SampleJob, if_new_version: bool = False) -> str | None:
 
 def _check_tracking(job: SampleJob) -> None:
     """One clear line now if MLflow is unreachable, instead of a failure after the output."""
-    from pipeline.registry import _client
+    from pipeline.serve.registry import mlflow_client
 
     uri = job.tracking.mlflow_uri
     try:
-        _client(uri).search_experiments(max_results=1)
+        mlflow_client(uri).search_experiments(max_results=1)
     except Exception as e:
         raise PipelineError(f"MLflow at {public_uri(uri)} unreachable ({type(e).__name__})") from None
 

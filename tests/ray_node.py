@@ -1,8 +1,8 @@
 """A second Ray node on this machine: ``ray start --address=HEAD --block`` on 127.0.0.1.
 
-For multi-node tests on one host. The node joins a :class:`~pipeline.services.RayHead` with
+For multi-node tests on one host. The node joins a :class:`~pipeline.stack.RayHead` with
 its token, gets its own ports and temp dir, and is stopped, or killed to simulate a crash,
-exactly by PID/marker like every other :class:`~pipeline.services.Service`.
+exactly by PID/marker like every other :class:`~pipeline.stack.Service`.
 
 Ray fights a loopback worker node twice: ``ray start --address`` aborts in single-node mode
 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which the head needs to stay on 127.0.0.1), and
@@ -20,26 +20,25 @@ by node IP, so it sees one node with ``local_world_size`` 2; node ids stay disti
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
-from pipeline.services import (
+from pipeline.stack import (
     LOOPBACK,
     RayHead,
     Service,
     ServiceError,
-    _alive,
-    _signal,
-    _wait_gone,
+    alive,
     free_port,
     http_ok,
     psutil,
+    send_signal,
+    wait_gone,
 )
+from pipeline.stack.ray_head import make_temp_dir, node_environment
 
 
 class RayWorkerNode(Service):
@@ -80,22 +79,15 @@ class RayWorkerNode(Service):
         return f"http://{LOOPBACK}:{self.port_map['dashboard-agent-listen-port']}"
 
     def prepare(self) -> None:
-        if len(str(self.temp_dir)) > 45:
-            raise ServiceError(f"Ray temp dir {self.temp_dir} is too long for unix sockets; "
-                               "use a state dir path under ~30 characters")  # fmt: skip
-        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        make_temp_dir(self.temp_dir)
 
     def environment(self) -> dict[str, str]:
-        drop = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")
-        env = {k: v for k, v in os.environ.items() if k not in drop}
         # client_env sets single-node mode, as on the head: see the module docstring
-        env.update(self.extra_env, **self.head.client_env, RAY_USAGE_STATS_ENABLED="0")
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        return env
+        return node_environment(self.extra_env, self.head.client_env)
 
     def command(self) -> list:
         cmd = [
-            sys.executable, "-m", "pipeline.cluster_node", "start",
+            sys.executable, "-m", "tests.ray_node", "start",
             f"--address={self.head.address}", "--block",
             f"--node-ip-address={LOOPBACK}", f"--num-cpus={self.num_cpus}",
             f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
@@ -147,13 +139,13 @@ class RayWorkerNode(Service):
             if not procs:
                 break
             for p in procs:
-                _signal(p, signal.SIGKILL)
+                send_signal(p, signal.SIGKILL)
                 killed[p.pid] = p
-            _wait_gone(procs, timeout)
+            wait_gone(procs, timeout)
         if self._popen is not None:
             self._popen.poll()
             self._popen = None
-        survivors = [pid for pid, p in killed.items() if _alive(p)]
+        survivors = [pid for pid, p in killed.items() if alive(p)]
         if survivors:
             raise ServiceError(f"{self.name}: processes {survivors} survived SIGKILL")
         self.pid_path.unlink(missing_ok=True)

@@ -21,16 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.services import (
-    LOOPBACK,
-    MlflowServer,
-    Prometheus,
-    RayHead,
-    SeaweedFS,
-    Service,
-    free_port,
-    write_private,
-)
+from pipeline.stack.mlflow_server import MlflowServer
+from pipeline.stack.prometheus import Prometheus
+from pipeline.stack.ray_head import RayHead
+from pipeline.stack.seaweedfs import SeaweedFS
+from pipeline.stack.supervisor import LOOPBACK, REPO_ROOT, Service, free_port, write_private
 
 DEFAULT_STATE_DIR = ".stack"
 BUCKETS = ("data", "mlflow", "checkpoints")
@@ -69,7 +64,7 @@ class StackPorts:
         return cls(**{**ports, "ray_worker_min": 10002, "ray_worker_max": 19999})
 
 
-def _read_env_file(path: Path) -> dict[str, str]:
+def read_env_file(path: Path) -> dict[str, str]:
     if not path.is_file():
         return {}
     pairs = {}
@@ -91,7 +86,7 @@ def _write_env_file(path: Path, pairs: dict[str, str], header: str, private: boo
 
 def _credentials(state: Path, create: bool) -> dict[str, str]:
     path = state / "credentials.env"
-    creds = _read_env_file(path)
+    creds = read_env_file(path)
     if not creds and create:
         creds = {
             "AWS_ACCESS_KEY_ID": "PL" + secrets.token_hex(9).upper(),
@@ -127,7 +122,7 @@ def _services(state: Path, ports: StackPorts, creds: dict[str, str]) -> list[Ser
         env={**s3.env, "MLFLOW_TRACKING_URI": mlflow.uri,
              "MLFLOW_S3_ENDPOINT_URL": s3.endpoint_url,
              # jobs run from a copy of the working dir, which excludes .cache
-             "PIPELINE_FASHION_MNIST_DIR": str(Path(__file__).resolve().parents[1] / ".cache/debs/fashion-mnist"
+             "PIPELINE_FASHION_MNIST_DIR": str(REPO_ROOT / ".cache/debs/fashion-mnist"
                                                / "usr/share/datasets/fashion-mnist")},
         client_server_port=p.ray_client, dashboard_agent_port=p.ray_dashboard_agent,
         metrics_ports=(p.ray_autoscaler_metrics, p.ray_dashboard_metrics),
@@ -218,7 +213,7 @@ def load_stack_env(state_dir: str | Path = DEFAULT_STATE_DIR) -> list[str]:
     Call it before ``import ray``: Ray reads ``RAY_AUTH_MODE``/the token and
     ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once, at import."""
     state = Path(state_dir)
-    pairs = {**_read_env_file(state / "credentials.env"), **_read_env_file(state / "env")}
+    pairs = {**read_env_file(state / "credentials.env"), **read_env_file(state / "env")}
     added = [k for k in pairs if k not in os.environ]
     for key in added:
         os.environ[key] = pairs[key]

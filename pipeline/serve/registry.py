@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import storage
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 from pipeline.model import VAE, build_model, load_weights
 
 
@@ -70,7 +70,7 @@ def _quiet(logger: str):
         log.setLevel(level)
 
 
-def _client(tracking_uri: str):
+def mlflow_client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
     from pipeline.train.tracking import configure_client_timeouts
@@ -85,7 +85,7 @@ def resolve(ref: ModelRef):
         return f"ckpt-{hashlib.sha256(ref.checkpoint_url.encode()).hexdigest()[:10]}", None
     from mlflow.exceptions import MlflowException
 
-    client = _client(ref.tracking_uri)
+    client = mlflow_client(ref.tracking_uri)
     what = f"version {ref.version}" if ref.version else f"alias {ref.alias!r}"
     try:
         if ref.version:
@@ -100,7 +100,7 @@ def resolve(ref: ModelRef):
                 or "does not exist" in text or "not exist" in text:
             raise PipelineError(
                 f"model {ref.name!r} {what} not found in the registry at {ref.tracking_uri}") from None
-        raise PipelineError(f"MLflow at {ref.tracking_uri}: {str(e).splitlines()[0]}") from None
+        raise PipelineError(f"MLflow at {ref.tracking_uri}: {first_line(e)}") from None
     except Exception as e:  # connection refused, timeout
         raise PipelineError(f"MLflow at {ref.tracking_uri} unreachable ({type(e).__name__})") from None
     return str(mv.version), mv
@@ -132,7 +132,7 @@ def load(ref: ModelRef, version: str | None = None, mv=None) -> LoadedModel:
             with _quiet("mlflow"):  # its INFO lines would precede our one error line
                 local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tmp))
         except Exception as e:  # MLflow or its artifact store down, artifacts deleted
-            first = (str(e).strip().splitlines() or [""])[0][:300]
+            first = first_line(e)
             raise PipelineError(f"{uri}: cannot download the model from {ref.tracking_uri} "
                                 f"({type(e).__name__}: {first})") from None
         config = next(local.rglob("config.json"), None)
@@ -144,5 +144,5 @@ def load(ref: ModelRef, version: str | None = None, mv=None) -> LoadedModel:
         vae = build_model(meta["model"])
         vae.load_state_dict(load_weights(weights.read_bytes()))
     run_id = mv.run_id or meta.get("train_run_id", "")
-    metrics = dict(_client(ref.tracking_uri).get_run(run_id).data.metrics) if run_id else {}
+    metrics = dict(mlflow_client(ref.tracking_uri).get_run(run_id).data.metrics) if run_id else {}
     return LoadedModel(vae.eval(), ref.name, version, run_id, meta["model"], metrics)

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from pipeline.registry import ModelRef, load
+from pipeline.serve.registry import ModelRef, load
 
 
 def main(args) -> int:

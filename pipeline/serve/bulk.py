@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.config import SampleConfig
 from pipeline.data.config import IngestConfig
-from pipeline.data.ingest import Encoded, _ShardWriter, _Stats, encode
+from pipeline.data.ingest import Encoded, IngestStats, ShardWriter, encode
 from pipeline.data.manifest import Manifest, write_manifest
-from pipeline.registry import LoadedModel
+from pipeline.serve.config import SampleConfig
+from pipeline.serve.registry import LoadedModel
 
 
 class Sampler:
@@ -68,7 +68,7 @@ def generate(m: LoadedModel, s: SampleConfig, url: str, temperature: float = 1.0
                                "seed": s.seed, "temperature": temperature},
     )
     cfg = IngestConfig(output_url=url, shard_samples=s.samples_per_shard, encoding="png")
-    writer, stats = _ShardWriter(url, cfg), _Stats()
+    writer, stats = ShardWriter(url, cfg), IngestStats()
     c, h, w = m.model_config["in_channels"], m.model_config["image_size"], m.model_config["image_size"]
     t0 = time.perf_counter()
     with tqdm(total=s.num_samples, desc="sample", unit="img") as bar:

@@ -1,0 +1,102 @@
+"""The training job's config: scaling (Ray Train), the optimiser loop, tracking."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from pipeline.data.config import StreamConfig
+from pipeline.errors import ConfigError
+from pipeline.model.config import ModelConfig
+from pipeline.typed import Checked, Range
+
+__all__ = ["OptimConfig", "ScalingConfig", "TrackingConfig", "TrainJob"]
+
+
+@dataclass
+class ScalingConfig(Checked):
+    """Where the training runs: Ray Train ScalingConfig/RunConfig/FailureConfig values."""
+
+    num_workers: Annotated[int, Range(ge=1)] = 2
+    use_gpu: bool = False
+    cpus_per_worker: Annotated[float, Range(gt=0)] = 1.0
+    gpus_per_worker: Annotated[float, Range(ge=0)] = 0.0
+    storage_path: str = ".data/ray_results"
+    name: str = "vae"
+    max_failures: Annotated[int, Range(ge=-1, note="-1: unlimited")] = 2
+    controller_failure_limit: Annotated[int, Range(ge=-1, note="-1: unlimited")] = 3  # e.g. a node that never returns: fail, don't hang
+    num_to_keep: Annotated[int, Range(ge=1)] = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.name or "/" in self.name:
+            raise ConfigError("name", f"must be a non-empty name without '/', got {self.name!r}")
+
+
+@dataclass
+class OptimConfig(Checked):
+    """The worker loop: optimiser, schedule, objective knobs, checkpoint cadence."""
+
+    epochs: Annotated[int, Range(ge=1)] = 2
+    max_steps: Annotated[int, Range(ge=0)] = 0  # 0: no step cap, run ``epochs``
+    batch_size: Annotated[int, Range(ge=1)] = 128  # per worker
+    lr: Annotated[float, Range(gt=0)] = 2e-3
+    weight_decay: Annotated[float, Range(ge=0)] = 1e-4
+    warmup_steps: Annotated[int, Range(ge=0)] = 100
+    grad_clip: Annotated[float, Range(ge=0)] = 1.0
+    kl_weight: Annotated[float, Range(ge=0)] = 1.0  # the beta / lambda weight
+    kl_warmup_steps: Annotated[int, Range(ge=0)] = 0
+    free_bits: Annotated[float, Range(ge=0)] = 0.0  # nats per latent group
+    ema_decay: Annotated[float, Range(ge=0, lt=1)] = 0.0  # 0: no EMA weights
+    bf16: bool = False  # autocast on GPU; optional on CPU
+    max_skipped_steps: Annotated[int, Range(ge=0)] = 20
+    checkpoint_every: Annotated[int, Range(ge=0)] = 200  # steps; 0: only at epoch end
+    log_every: Annotated[int, Range(ge=1)] = 20
+    eval_batches: Annotated[int, Range(ge=1)] = 8
+    iwae_k: Annotated[int, Range(ge=1)] = 64
+    iwae_images: Annotated[int, Range(ge=1)] = 64
+    seed: int = 0
+    torch_threads: Annotated[int, Range(ge=0)] = 0  # 0: leave torch's default
+
+
+@dataclass
+class TrackingConfig(Checked):
+    """MLflow and Prometheus. Credentials never live here: they come from the environment."""
+
+    mlflow_uri: str = ""  # "": MLFLOW_TRACKING_URI from the environment (the stack sets it)
+    experiment: str = "vae"
+    registered_model: str = "vae"
+    alias: str = "candidate"
+    metrics_port: Annotated[int, Range(ge=-1, le=65535, note="a port, 0: pick a free one, -1: none")] = 0  # 0: pick a free port per worker; -1: no Prometheus endpoint
+    metrics_host: str = "127.0.0.1"  # on a cluster: 0.0.0.0 with a fixed metrics_port
+    metrics_sd_dir: str = ".stack/prometheus/targets"  # file_sd targets for the stack's Prometheus
+
+    def resolved(self) -> TrackingConfig:
+        """This config with ``mlflow_uri`` filled from ``MLFLOW_TRACKING_URI`` if empty."""
+        uri = self.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+        if not uri:
+            raise ConfigError("tracking.mlflow_uri", "empty and MLFLOW_TRACKING_URI is not set "
+                              "(run `make up`, or set it to your tracking server)")
+        return dataclasses.replace(self, mlflow_uri=uri)
+
+
+@dataclass
+class TrainJob:
+    data: StreamConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self):
+        m, d = self.model, self.data
+        if d.image_size and d.image_size != m.image_size:
+            raise ConfigError(
+                "data.image_size", f"{d.image_size} differs from model.image_size={m.image_size}"
+            )
+        if d.channels and d.channels != m.in_channels:
+            raise ConfigError(
+                "data.channels", f"{d.channels} differs from model.in_channels={m.in_channels}"
+            )
