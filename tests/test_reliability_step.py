@@ -12,7 +12,7 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.model import VAE
 from pipeline.model.config import ModelConfig
-from pipeline.train.loop import _fault_hooks
+from pipeline.train.faults import corrupt_loss
 from pipeline.train.step import BadSamples, Objective, SkipBudget, train_step
 
 pytestmark = pytest.mark.timeout(60)
@@ -106,7 +106,7 @@ def test_skip_budget_counts_then_fails_in_one_line():
 def test_fault_env_injects_nan_at_listed_steps_only(monkeypatch):
     monkeypatch.setenv("PIPELINE_FAULT_NAN_STEP", "3,5")
     loss = torch.tensor(1.5)
-    finite = [s for s in range(1, 8) if torch.isfinite(_fault_hooks(s, 0, loss))]
+    finite = [s for s in range(1, 8) if torch.isfinite(corrupt_loss(s, 0, loss))]
     assert finite == [1, 2, 4, 6, 7]
 
 

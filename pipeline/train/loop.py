@@ -1,8 +1,10 @@
 """The Ray Train worker loop: the only module that talks to ``ray.train``.
 
-Every rank runs :func:`train_loop`. Rank 0 writes checkpoints, logs to MLflow and runs the
-held-out evaluation; every rank calls ``ray.train.report`` at the same steps (it is a
-barrier), which holds because the data stream gives every rank the same number of batches.
+Every rank runs :func:`train_loop`, which reads like Ray's own example: [1] restore or start
+the run state, [2] prepare the model (DDP) and the data stream, [3] step, [4] log, [5] report
+and checkpoint. Rank 0 writes checkpoints, logs to MLflow and runs the held-out evaluation;
+every rank calls ``ray.train.report`` at the same steps (it is a barrier), which holds
+because the data stream gives every rank the same number of batches.
 """
 
 from __future__ import annotations
@@ -10,11 +12,10 @@ from __future__ import annotations
 import copy
 import math
 import os
-import signal
 import tempfile
 import time
+from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import ray.train
 import torch
@@ -22,10 +23,11 @@ import torch
 from pipeline.data.stream import ShardStream, make_loader
 from pipeline.model import VAE, elbo_terms, evaluate, kl_warmup
 from pipeline.serve.images import grid
-from pipeline.train import checkpoint, fatal
-from pipeline.train.config import TrainJob
+from pipeline.train import checkpoint, fatal, faults
+from pipeline.train.config import OptimConfig, TrainJob
 from pipeline.train.metrics import WorkerMetrics
-from pipeline.train.step import BadSamples, Objective, SkipBudget, train_step
+from pipeline.train.progress import Progress
+from pipeline.train.step import BadSamples, Objective, SkipBudget, noise_seed, train_step
 from pipeline.train.tracking import RunSpec, Tracker, mlflow_wait, storage_path
 from pipeline.typed import build, to_dict
 
@@ -44,21 +46,7 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def _fault_hooks(step: int, rank: int, loss: torch.Tensor) -> torch.Tensor:
-    """Test-only fault injection, driven by env vars the fault tests set on the cluster."""
-    if str(step) in os.environ.get("PIPELINE_FAULT_NAN_STEP", "").split(","):
-        loss = loss * float("nan")
-    kill = os.environ.get("PIPELINE_FAULT_KILL_STEP")
-    marker = os.environ.get("PIPELINE_FAULT_MARKER", "")
-    if kill == str(step) and rank == int(os.environ.get("PIPELINE_FAULT_KILL_RANK", "1")):
-        if marker and not Path(marker).exists():
-            Path(marker).write_text(str(os.getpid()))
-            time.sleep(float(os.environ.get("PIPELINE_FAULT_KILL_DELAY", "3")))  # mid-step work
-            os.kill(os.getpid(), signal.SIGKILL)
-    return loss
-
-
-def _gather(counts: dict, world: int) -> list[dict]:
+def gather(counts: dict, world: int) -> list[dict]:
     """Every rank's ``counts`` (a collective: all ranks call it at the same step)."""
     import torch.distributed as dist
 
@@ -69,166 +57,195 @@ def _gather(counts: dict, world: int) -> list[dict]:
     return out
 
 
-def train_loop(loop_config: dict) -> None:
-    job: TrainJob = build(TrainJob, loop_config["job"])
-    fatal_url = fatal.fatal_url(storage_path(job.scaling.storage_path), job.scaling.name)
-    fatal.check(fatal_url)  # an earlier attempt hit a deterministic failure: do not replay it
-    run_id: str = loop_config["mlflow_run_id"]  # "" if MLflow was down when the driver started
-    spec = RunSpec(**loop_config["mlflow_run"])
-    o, d = job.optim, job.data
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if o.torch_threads:
-        torch.set_num_threads(o.torch_threads)
-    torch.manual_seed(o.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
+@dataclass
+class RunState:
+    """Everything a checkpoint restores on one rank. Built after the model is on its device,
+    so the EMA copy and the optimizer state live where the parameters do."""
 
-    vae = VAE.from_config(job.model)
-    opt = torch.optim.AdamW(vae.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-    stream = ShardStream(d, rank=rank, world_size=world, batch_size=o.batch_size, split="train")
-    per_epoch = len(stream)
-    total = o.max_steps or per_epoch * o.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.warmup_steps, total))
-    ema = copy.deepcopy(vae).requires_grad_(False) if o.ema_decay > 0 else None
-    step, epoch = 0, 0
-    budget, bad = SkipBudget(o.max_skipped_steps), BadSamples()
+    job: TrainJob
+    rank: int
+    world: int
+    vae: VAE
+    ema: VAE | None
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    stream: ShardStream
+    budget: SkipBudget
+    bad: BadSamples
+    run_id: str
+    test_stream: ShardStream | None = None  # rank 0's held-out split, when there is one
+    step: int = 0
+    epoch: int = 0
 
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
+    @classmethod
+    def create(cls, job: TrainJob, vae: VAE, rank: int, world: int, run_id: str) -> RunState:
+        o = job.optim
+        opt = torch.optim.AdamW(vae.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        stream = ShardStream(job.data, rank=rank, world_size=world, batch_size=o.batch_size,
+                             split="train")
+        total = o.max_steps or len(stream) * o.epochs
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.warmup_steps, total))
+        ema = copy.deepcopy(vae).requires_grad_(False) if o.ema_decay > 0 else None
+        test = None
+        if rank == 0 and job.data.test_url:
+            test = ShardStream(job.data, rank=0, world_size=1, batch_size=o.batch_size,
+                               split="test")
+        return cls(job, rank, world, vae, ema, opt, sched, stream,
+                   SkipBudget(o.max_skipped_steps), BadSamples(), run_id, test)
+
+    @property
+    def total_steps(self) -> int:
+        return self.job.optim.max_steps or len(self.stream) * self.job.optim.epochs
+
+    def done(self) -> bool:
+        o = self.job.optim
+        return self.epoch >= o.epochs or bool(o.max_steps and self.step >= o.max_steps)
+
+    def restore(self, ckpt: ray.train.Checkpoint | None) -> None:
+        """Load ``ckpt`` (weights, EMA, optimizer, schedule, counters, stream position)."""
+        if ckpt is None:
+            self.stream.set_epoch(0)
+            return
         with ckpt.as_directory() as cdir:
             saved = checkpoint.load(cdir)
-        vae.load_state_dict(saved["model"])
-        if ema is not None and saved["ema"] is not None:
-            ema.load_state_dict(saved["ema"])
-        opt.load_state_dict(saved["optim"]["optimizer"])
-        sched.load_state_dict(saved["optim"]["scheduler"])
+        self.vae.load_state_dict(saved["model"])
+        if self.ema is not None and saved["ema"] is not None:
+            self.ema.load_state_dict(saved["ema"])
+        self.opt.load_state_dict(saved["optim"]["optimizer"])  # cast to the params' device
+        self.sched.load_state_dict(saved["optim"]["scheduler"])
         s = saved["state"]
-        step, epoch = s["step"], s["epoch"]
-        budget.count = s["skipped_steps"]
-        if rank == 0:  # the run totals, counted once (rank 0 holds them)
-            bad = BadSamples(s.get("bad_samples"))
-        run_id = s["mlflow_run_id"] or run_id
-        stream.load_state_dict(s["data"])
-        bad.epoch.update(stream.bad_counts())  # the epoch's restored count, not new ones
-        if rank == 0:
-            print(f"resumed from checkpoint at epoch {epoch} step {step}", flush=True)
-    else:
-        stream.set_epoch(0)
+        self.step, self.epoch = s["step"], s["epoch"]
+        self.budget.count = s["skipped_steps"]
+        if self.rank == 0:  # the run totals, counted once (rank 0 holds them)
+            self.bad = BadSamples(s.get("bad_samples"))
+        self.run_id = s["mlflow_run_id"] or self.run_id
+        self.stream.load_state_dict(s["data"])
+        self.bad.epoch.update(self.stream.bad_counts())  # the epoch's restored count
+        if self.rank == 0:
+            print(f"resumed from checkpoint at epoch {self.epoch} step {self.step}", flush=True)
 
-    model = ray.train.torch.prepare_model(Objective(vae))
-    device = next(vae.parameters()).device
-    tracker = Tracker(spec, run_id) if rank == 0 else None
-    port = job.tracking.metrics_port
-    port = port + ctx.get_local_rank() if port > 0 else port  # one port per worker on a node
-    metrics = WorkerMetrics(job.scaling.name, rank, port, job.tracking.metrics_sd_dir,
-                            job.tracking.metrics_host)
-    test_stream = None
-    if rank == 0 and d.test_url:
-        test_stream = ShardStream(d, rank=0, world_size=1, batch_size=o.batch_size, split="test")
-
-    def save_and_report(extra: dict) -> None:
+    def save_and_report(self, extra: dict, tracker: Tracker | None,
+                        metrics: WorkerMetrics) -> None:
         """Every rank calls this at the same step; rank 0 attaches the checkpoint."""
         t0 = time.perf_counter()
-        report = {"step": step, "epoch": epoch, **extra}
-        counts = _gather({"run": dict(bad.own), "epoch": stream.bad_counts()}, world)
-        totals = bad.totals([c["run"] for c in counts[1:]])
-        if rank != 0:
+        report = {"step": self.step, "epoch": self.epoch, **extra}
+        counts = gather({"run": dict(self.bad.own), "epoch": self.stream.bad_counts()},
+                        self.world)
+        if tracker is None:
             ray.train.report(report, checkpoint=None)
             return
-        state = {"step": step, "epoch": epoch, "skipped_steps": budget.count,
-                 "bad_samples": totals, "mlflow_run_id": tracker.run_id,
-                 "data": stream.state_dict([c["epoch"] for c in counts]),
-                 "config": to_dict(job)}
+        state = {"step": self.step, "epoch": self.epoch, "skipped_steps": self.budget.count,
+                 "bad_samples": self.bad.totals([c["run"] for c in counts[1:]]),
+                 "mlflow_run_id": tracker.run_id,
+                 "data": self.stream.state_dict([c["epoch"] for c in counts]),
+                 "config": to_dict(self.job)}
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint.save(tmp, model=vae, state=state, optimizer=opt, scheduler=sched, ema=ema)
+            checkpoint.save(tmp, model=self.vae, state=state, optimizer=self.opt,
+                            scheduler=self.sched, ema=self.ema)
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         metrics.checkpoint_seconds.observe(time.perf_counter() - t0)
-        tracker.metrics({"checkpoint_seconds": time.perf_counter() - t0}, step)
+        tracker.metrics({"checkpoint_seconds": time.perf_counter() - t0}, self.step)
         tracker.flush()  # metrics reach MLflow only once their step is checkpointed
 
-    keys_dir = os.environ.get("PIPELINE_RECORD_KEYS_DIR")  # tests: which rank saw which sample
-    imgs_t0, imgs = time.perf_counter(), 0
-    wait = busy = 0.0
+
+def open_metrics(job: TrainJob, rank: int, local_rank: int) -> WorkerMetrics:
+    """This worker's Prometheus endpoint (one port per worker on a node)."""
+    port = job.tracking.metrics_port
+    port = port + local_rank if port > 0 else port
+    return WorkerMetrics(job.scaling.name, rank, port, job.tracking.metrics_sd_dir,
+                         job.tracking.metrics_host)
+
+
+def train_loop(loop_config: dict) -> None:
+    job: TrainJob = build(TrainJob, loop_config["job"])
+    optim = job.optim
+    fatal_url = fatal.fatal_url(storage_path(job.scaling.storage_path), job.scaling.name)
+    fatal.check(fatal_url)  # an earlier attempt hit a deterministic failure: do not replay it
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if optim.torch_threads:
+        torch.set_num_threads(optim.torch_threads)
+    torch.manual_seed(optim.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
+
+    # [1] Prepare and wrap the model (DDP), first: EMA and optimizer state follow its device.
+    vae = VAE.from_config(job.model)
+    model = ray.train.torch.prepare_model(Objective(vae))
+    device = next(vae.parameters()).device
+    # [2] Restore the run (weights, optimizer, counters, data position) or start it.
+    # "" run id: MLflow was down when the driver started; the tracker finds the run later.
+    run = RunState.create(job, vae, rank, world, loop_config["mlflow_run_id"])
+    run.restore(ray.train.get_checkpoint())
+    tracker = Tracker(RunSpec(**loop_config["mlflow_run"]), run.run_id) if rank == 0 else None
+    metrics = open_metrics(job, rank, ctx.get_local_rank())
+    progress = Progress(metrics, world, run.total_steps)
+    noise = torch.Generator(device=device)
     try:
-        while epoch < o.epochs and (not o.max_steps or step < o.max_steps):
-            t_fetch = time.perf_counter()
-            for batch in make_loader(stream):
+        while not run.done():
+            progress.fetching()
+            for batch in make_loader(run.stream):  # [3] Prepare the data: this rank's batches
+                progress.ready()
                 x = batch["image"].to(device, non_blocking=True)
-                metrics.bad_samples.inc(bad.add(batch["skipped"]))
-                if keys_dir:
-                    with open(Path(keys_dir) / f"rank{rank}.txt", "a") as f:
-                        f.write("".join(f"{epoch} {step + 1} {k}\n" for k in batch["key"]))
-                t_ready = time.perf_counter()
-                wait += t_ready - t_fetch
-                beta = o.kl_weight * kl_warmup(step, o.kl_warmup_steps)
-                res = train_step(model, vae, opt, x, kl_weight=beta, free_bits=o.free_bits,
-                                 grad_clip=o.grad_clip, bf16=o.bf16, ema=ema,
-                                 ema_decay=o.ema_decay,
-                                 inject=partial(_fault_hooks, step + 1, rank))
-                out = res.out
+                metrics.bad_samples.inc(run.bad.add(batch["skipped"]))
+                faults.record_keys(rank, run.epoch, run.step + 1, batch["key"])
+                beta = optim.kl_weight * kl_warmup(run.step, optim.kl_warmup_steps)
+                noise.manual_seed(noise_seed(optim.seed, rank, run.step))
+                res = train_step(model, vae, run.opt, x, kl_weight=beta,
+                                 free_bits=optim.free_bits, grad_clip=optim.grad_clip,
+                                 bf16=optim.bf16, ema=run.ema, ema_decay=optim.ema_decay,
+                                 inject=partial(faults.corrupt_loss, run.step + 1, rank),
+                                 generator=noise)
                 if res.skipped:
                     metrics.skipped_steps.inc()
                     if rank == 0:
-                        print(f"step {step + 1}: non-finite loss or gradient, step skipped "
-                              f"({budget.count + 1} so far)", flush=True)
-                budget.record(res.skipped)
-                sched.step()
-                step += 1
-                imgs += x.shape[0]
-                t_done = time.perf_counter()
-                busy += t_done - t_ready
-                metrics.step_seconds.observe(t_done - t_fetch)
-                metrics.data_wait_seconds.observe(t_ready - t_fetch)
-                metrics.images.inc(x.shape[0])
-                metrics.step.set(step)
-                if step % o.log_every == 0:
-                    dt = time.perf_counter() - imgs_t0
-                    ips = imgs * world / dt
-                    wait_frac = wait / max(wait + busy, 1e-9)
-                    metrics.images_per_second.set(imgs / dt)
-                    metrics.loss.set(out["loss"].detach().item())
-                    metrics.bits_per_dim.set(float(out["bits_per_dim"]))
-                    metrics.data_wait_fraction.set(wait_frac)
-                    totals = bad.totals(_gather(dict(bad.own), world)[1:])
-                    if rank == 0:
-                        row = {"loss": out["loss"].detach().item(),
-                               "neg_elbo_bits_per_dim": float(out["bits_per_dim"]),
-                               "rate_bits": float(out["rate_bits"]),
-                               "distortion_bits": float(out["distortion_bits"]),
-                               "grad_norm": float(res.grad_norm), "lr": sched.get_last_lr()[0],
-                               "images_per_second": ips, "data_wait_fraction": wait_frac,
-                               "skipped_steps": budget.count, **BadSamples.as_metrics(totals),
-                               "kl_weight": beta, "epoch": epoch}
-                        tracker.metrics(row, step)
-                        print(f"epoch {epoch} step {step}/{total} | {ips:,.0f} img/s | "
-                              f"-ELBO {row['neg_elbo_bits_per_dim']:.4f} bits/dim | "
-                              f"rate {row['rate_bits']:.1f} bits | wait {wait_frac:.0%}",
-                              flush=True)
-                    imgs_t0, imgs, wait, busy = time.perf_counter(), 0, 0.0, 0.0
-                if o.checkpoint_every and step % o.checkpoint_every == 0 and step % per_epoch:
-                    save_and_report({})
-                if o.max_steps and step >= o.max_steps:
+                        print(f"step {run.step + 1}: non-finite loss or gradient, step skipped "
+                              f"({run.budget.count + 1} so far)", flush=True)
+                run.budget.record(res.skipped)
+                run.sched.step()
+                run.step += 1
+                progress.stepped(run.step, x.shape[0])
+                if run.step % optim.log_every == 0:  # [4] Log (a collective: all ranks)
+                    log_row(run, progress, res, beta, tracker)
+                if optim.checkpoint_every and run.step % optim.checkpoint_every == 0 \
+                        and run.step % len(run.stream):  # [5] Report + checkpoint mid-epoch
+                    run.save_and_report({}, tracker, metrics)
+                if optim.max_steps and run.step >= optim.max_steps:
                     break
-                t_fetch = time.perf_counter()
-            epoch += 1
-            stream.set_epoch(epoch)
-            bad.epoch.clear()
-            ev = {}
-            if rank == 0:
-                ev = _evaluate(vae if ema is None else ema, test_stream, o, device, tracker, step)
-            save_and_report(ev)
+                progress.fetching()
+            run.epoch += 1
+            run.stream.set_epoch(run.epoch)
+            run.bad.epoch.clear()
+            ev = evaluate_epoch(run, device, tracker) if tracker is not None else {}
+            run.save_and_report(ev, tracker, metrics)  # [5] Report + checkpoint: epoch end
         if tracker is not None and not tracker.flush(wait=mlflow_wait()):
             print(f"warning: MLflow at {tracker.uri} still unreachable at the end of training; "
                   f"{tracker.pending} metric points and images were not logged", flush=True)
     except BaseException as e:
-        fatal.record(fatal_url, e, step)
-        metrics.bad_samples.inc(bad.reconcile(stream.stats()["bad_reasons"]))
+        fatal.record(fatal_url, e, run.step)
+        metrics.bad_samples.inc(run.bad.reconcile(run.stream.stats()["bad_reasons"]))
         if tracker is not None:  # what was counted up to the failure (bad samples, skips)
-            tracker.metrics({"skipped_steps": budget.count,
-                             **BadSamples.as_metrics(bad.totals())}, step)
+            tracker.metrics({"skipped_steps": run.budget.count,
+                             **BadSamples.as_metrics(run.bad.totals())}, run.step)
             tracker.flush()
         raise
     finally:
         metrics.close(linger=float(os.environ.get("PIPELINE_METRICS_LINGER", "0")))
+
+
+def log_row(run: RunState, progress: Progress, res, beta: float, tracker: Tracker | None) -> None:
+    """The periodic metric row: gauges on every rank, MLflow and the progress line on rank 0.
+    Gathers the ranks' bad-sample counts, so every rank calls it at the same step."""
+    totals = run.bad.totals(gather(dict(run.bad.own), run.world)[1:])
+    row = progress.row(res, lr=run.sched.get_last_lr()[0], kl_weight=beta, epoch=run.epoch,
+                       skipped_steps=run.budget.count, bad_totals=totals)
+    if tracker is not None:
+        tracker.metrics(row, run.step)
+        print(progress.line(row, run.step), flush=True)
+
+
+def evaluate_epoch(run: RunState, device: torch.device, tracker: Tracker) -> dict:
+    """Rank 0's end-of-epoch evaluation, on the EMA weights when there are any."""
+    return _evaluate(run.vae if run.ema is None else run.ema, run.test_stream, run.job.optim,
+                     device, tracker, run.step)
 
 
 @torch.no_grad()
@@ -247,7 +264,8 @@ def eval_metrics(vae: VAE, batches: list[torch.Tensor], iwae_k: int, iwae_images
 
 
 @torch.no_grad()
-def _evaluate(vae: VAE, test_stream, o, device, tracker: Tracker, step: int) -> dict:
+def _evaluate(vae: VAE, test_stream, o: OptimConfig, device, tracker: Tracker,
+              step: int) -> dict:
     """Held-out ELBO, IWAE-K on a subset, PSNR, active units; reconstruction + prior grids."""
     vae.eval()
     try:

@@ -21,8 +21,17 @@ class Objective(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, x: torch.Tensor, kl_weight: float, free_bits: float) -> dict:
-        return elbo_terms(self.vae, x, kl_weight=kl_weight, free_bits=free_bits)
+    def forward(self, x: torch.Tensor, kl_weight: float, free_bits: float,
+                generator: torch.Generator | None = None) -> dict:
+        return elbo_terms(self.vae, x, kl_weight=kl_weight, free_bits=free_bits,
+                          generator=generator)
+
+
+def noise_seed(seed: int, rank: int, step: int) -> int:
+    """The reparameterization-noise seed of ``rank`` at ``step``: different on every rank (so
+    averaging gradients over ranks averages independent noise) and a function of the step
+    alone, so a resumed run continues the noise instead of replaying it."""
+    return ((seed * 1_000_003 + rank) * 1_000_000_007 + step) % 2**63
 
 
 @dataclass
@@ -35,17 +44,19 @@ class StepResult:
 def train_step(model: nn.Module, vae: VAE, opt: torch.optim.Optimizer, x: torch.Tensor, *,
                kl_weight: float, free_bits: float, grad_clip: float, bf16: bool = False,
                ema: VAE | None = None, ema_decay: float = 0.0,
-               inject: Callable[[torch.Tensor], torch.Tensor] | None = None) -> StepResult:
+               inject: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               generator: torch.Generator | None = None) -> StepResult:
     """One optimizer step on batch ``x``, skipped whole if the loss or a gradient is not finite.
 
     ``model`` is ``Objective(vae)``, possibly DDP-wrapped. A skipped step leaves the weights,
     the buffers (BatchNorm running stats saw the bad batch), the optimizer state and the EMA
-    exactly as they were. ``inject`` maps the loss before the check (fault-injection tests).
+    exactly as they were. ``inject`` maps the loss before the check (fault-injection tests);
+    ``generator`` draws the reparameterization noise.
     """
     device = x.device
     buffers = [b.detach().clone() for b in vae.buffers()]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = model(x, kl_weight, free_bits)
+        out = model(x, kl_weight, free_bits, generator)
     loss = out["loss"] if inject is None else inject(out["loss"])
     if not torch.isfinite(loss):
         # NaN into every gradient: DDP all-reduces it, so every rank skips this step.
