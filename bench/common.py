@@ -52,11 +52,25 @@ class Settings:
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(mode="quick", repeats=3, data_count_28=1024, data_count_256=256,
-                   train_steps=40, log_every=5, plain_steps=30, overhead_steps=30,
-                   overhead_repeats=1, sample_count=2048, sample_repeats=1,
-                   quality_cpu_seconds=10.0, quality_test_images=1000, iwae_k=100,
-                   iwae_images=8, bpd_iwae_k=20, bpd_iwae_images=50)
+        return cls(
+            mode="quick",
+            repeats=3,
+            data_count_28=1024,
+            data_count_256=256,
+            train_steps=40,
+            log_every=5,
+            plain_steps=30,
+            overhead_steps=30,
+            overhead_repeats=1,
+            sample_count=2048,
+            sample_repeats=1,
+            quality_cpu_seconds=10.0,
+            quality_test_images=1000,
+            iwae_k=100,
+            iwae_images=8,
+            bpd_iwae_k=20,
+            bpd_iwae_images=50,
+        )
 
 
 def median(values) -> float:
@@ -66,7 +80,7 @@ def median(values) -> float:
 
 def later_half(values: list) -> list:
     """The second half of a series (steady state: start-up excluded)."""
-    return values[len(values) // 2:]
+    return values[len(values) // 2 :]
 
 
 def rnd(x: float, digits: int = 1) -> float:
@@ -100,11 +114,18 @@ def machine() -> dict:
                 mem = int(line.split()[1]) / 2**20
     except OSError:
         pass
-    return {"cpu_model": cpu_model(), "cores": os.cpu_count(), "memory_gib": round(mem, 1),
-            "gpu": "none" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "ray": version("ray"), "pillow": version("pillow"), "kernel": platform.release(),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+    return {
+        "cpu_model": cpu_model(),
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem, 1),
+        "gpu": "none" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": version("ray"),
+        "pillow": version("pillow"),
+        "kernel": platform.release(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 class Stopwatch:

@@ -95,7 +95,10 @@ class CpuMeter:
             by_name[self.names[pid]] = by_name.get(self.names[pid], 0.0) + used - base
 
         def ordered(d: dict[str, float]) -> dict[str, float]:
-            return {k: round(v, 1) for k, v in sorted(d.items(), key=lambda kv: -kv[1])
-                    if round(v, 1) > 0}
+            return {
+                k: round(v, 1)
+                for k, v in sorted(d.items(), key=lambda kv: -kv[1])
+                if round(v, 1) > 0
+            }
 
         self.seconds, self.by_name = ordered(seconds), ordered(by_name)

@@ -18,11 +18,31 @@ from pipeline.data.shards import tar_samples
 
 DATASETS = {
     # name: (ingest options, image size, channels, extension)
-    "synthetic_28_png_L": (dict(source="synthetic", synthetic_size=28, synthetic_mode="L",
-                                encoding="png", test_fraction=0.0), 28, 1, "png"),
-    "synthetic_256_jpeg_RGB": (dict(source="synthetic", synthetic_size=256, synthetic_mode="RGB",
-                                    encoding="jpeg", jpeg_quality=90, test_fraction=0.0),
-                               256, 3, "jpg"),
+    "synthetic_28_png_L": (
+        dict(
+            source="synthetic",
+            synthetic_size=28,
+            synthetic_mode="L",
+            encoding="png",
+            test_fraction=0.0,
+        ),
+        28,
+        1,
+        "png",
+    ),
+    "synthetic_256_jpeg_RGB": (
+        dict(
+            source="synthetic",
+            synthetic_size=256,
+            synthetic_mode="RGB",
+            encoding="jpeg",
+            jpeg_quality=90,
+            test_fraction=0.0,
+        ),
+        256,
+        3,
+        "jpg",
+    ),
     "fashion_mnist_28_png_L": (dict(source="fashion_mnist", encoding="png"), 28, 1, "png"),
 }
 
@@ -48,10 +68,17 @@ def prepare(name: str, count: int, root: Path, s3_url: str) -> dict:
     for s in samples:
         files.append(folder / f"{s['__key__']}.{ext}")
         files[-1].write_bytes(s[ext])
-    return {"samples": samples, "files": files, "local": manifest.url,
-            "s3": f"{s3_url}/{name}/train", "size": size, "channels": channels,
-            "count": manifest.count, "shard_bytes": manifest.shards[0].bytes,
-            "image_bytes": round(sum(len(s[ext]) for s in samples) / len(samples))}
+    return {
+        "samples": samples,
+        "files": files,
+        "local": manifest.url,
+        "s3": f"{s3_url}/{name}/train",
+        "size": size,
+        "channels": channels,
+        "count": manifest.count,
+        "shard_bytes": manifest.shards[0].bytes,
+        "image_bytes": round(sum(len(s[ext]) for s in samples) / len(samples)),
+    }
 
 
 def measure(data: dict, settings: Settings) -> dict:
@@ -77,11 +104,21 @@ def measure(data: dict, settings: Settings) -> dict:
         ratios[f"s3_vs_local_w{n}"] = ratio(rates[f"s3_w{n}"], rates[f"local_w{n}"])
         ratios[f"local_vs_limit_w{n}"] = ratio(rates[f"local_w{n}"], rates["memory"])
         ratios[f"shards_vs_folder_w{n}"] = ratio(rates[f"local_w{n}"], rates[f"folder_w{n}"])
-    return {"config": {"count": data["count"], "size": size, "channels": channels,
-                       "batch_size": batch, "repeats": settings.repeats,
-                       "shard_bytes": data["shard_bytes"], "image_bytes": data["image_bytes"]},
-            "images_per_second": rates, "all_repeats": spread, "first_batch_seconds": firsts,
-            "ratios": ratios}
+    return {
+        "config": {
+            "count": data["count"],
+            "size": size,
+            "channels": channels,
+            "batch_size": batch,
+            "repeats": settings.repeats,
+            "shard_bytes": data["shard_bytes"],
+            "image_bytes": data["image_bytes"],
+        },
+        "images_per_second": rates,
+        "all_repeats": spread,
+        "first_batch_seconds": firsts,
+        "ratios": ratios,
+    }
 
 
 def run(settings: Settings, root: Path, s3_url: str, log=print) -> dict:

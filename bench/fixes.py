@@ -48,15 +48,21 @@ def _init_worker(environ: dict, worker_id: int) -> None:
 def _batches(url: str, batch: int, workers: int, variant: str):
     config = StreamConfig(train_url=url)
     if variant == "before":
-        return make_loader(TensorBatchStream(config, rank=0, world_size=1, batch_size=batch,
-                                             num_workers=workers))
+        return make_loader(
+            TensorBatchStream(config, rank=0, world_size=1, batch_size=batch, num_workers=workers)
+        )
     stream = ShardStream(config, rank=0, world_size=1, batch_size=batch, num_workers=workers)
     if variant == "after":
         return make_loader(stream)
     # also sharing memory by file name: not applied (can leak /dev/shm when a worker dies)
-    return StreamLoader(stream, workers, prefetch_factor=2, collate_fn=as_is,
-                        multiprocessing_context=storage.process_context(WORKER_PRELOAD),
-                        worker_init_fn=partial(_init_worker, dict(os.environ)))
+    return StreamLoader(
+        stream,
+        workers,
+        prefetch_factor=2,
+        collate_fn=as_is,
+        multiprocessing_context=storage.process_context(WORKER_PRELOAD),
+        worker_init_fn=partial(_init_worker, dict(os.environ)),
+    )
 
 
 def _loader_run(url: str, batch: int, workers: int, variant: str):
@@ -68,9 +74,12 @@ def same_batches(url: str, batch: int) -> bool:
     a = list(_batches(url, batch, 2, "before"))
     b = list(_batches(url, batch, 2, "after_file_system"))
     return len(a) == len(b) and all(
-        x["key"] == y["key"] and torch.equal(x["label"], y["label"])
-        and torch.equal(x["pad"], y["pad"]) and torch.equal(x["image"], y["image"])
-        for x, y in zip(a, b))
+        x["key"] == y["key"]
+        and torch.equal(x["label"], y["label"])
+        and torch.equal(x["pad"], y["pad"])
+        and torch.equal(x["image"], y["image"])
+        for x, y in zip(a, b)
+    )
 
 
 def loader_fix(settings: Settings, url: str, reps: int) -> list[dict]:
@@ -85,18 +94,22 @@ def loader_fix(settings: Settings, url: str, reps: int) -> list[dict]:
     identical = same_batches(url, settings.data_batch)
     out = []
     for w in (1, 2):
-        out.append({"bottleneck": "loader workers -> main: fd-passing handshake per tensor "
-                                  "(3 per batch)",
-                    "what": f"Fashion-MNIST 28px local shards, img/s, {w} loader worker(s), "
-                            f"batch {settings.data_batch}, median of {reps} (with `file_system` "
-                            f"sharing too: {median(rates[(w, 'after_file_system')]):,.0f})",
-                    "before": rnd(median(rates[(w, "before")])),
-                    "after": rnd(median(rates[(w, "after")])),
-                    "after_file_system": rnd(median(rates[(w, "after_file_system")])),
-                    "repeats": {v: [rnd(x) for x in rates[(w, v)]] for v in variants},
-                    "identical_batches": identical,
-                    "where": "label/pad travel as numpy, one shared tensor per batch (applied: "
-                             "pipeline/data/stream.py)"})
+        out.append(
+            {
+                "bottleneck": "loader workers -> main: fd-passing handshake per tensor "
+                "(3 per batch)",
+                "what": f"Fashion-MNIST 28px local shards, img/s, {w} loader worker(s), "
+                f"batch {settings.data_batch}, median of {reps} (with `file_system` "
+                f"sharing too: {median(rates[(w, 'after_file_system')]):,.0f})",
+                "before": rnd(median(rates[(w, "before")])),
+                "after": rnd(median(rates[(w, "after")])),
+                "after_file_system": rnd(median(rates[(w, "after_file_system")])),
+                "repeats": {v: [rnd(x) for x in rates[(w, v)]] for v in variants},
+                "identical_batches": identical,
+                "where": "label/pad travel as numpy, one shared tensor per batch (applied: "
+                "pipeline/data/stream.py)",
+            }
+        )
     return out
 
 
@@ -104,28 +117,43 @@ def run(settings: Settings, results: dict, work: Path, log=print) -> dict:
     from pipeline.data.config import IngestConfig
     from pipeline.data.ingest import ingest
 
-    manifest = ingest(IngestConfig(output_url=str(work / "fixes-fmnist"), source="fashion_mnist",
-                                   limit=settings.data_count_28 * 2, shard_samples=1024,
-                                   workers=2), progress=False)["train"]
+    manifest = ingest(
+        IngestConfig(
+            output_url=str(work / "fixes-fmnist"),
+            source="fashion_mnist",
+            limit=settings.data_count_28 * 2,
+            shard_samples=1024,
+            workers=2,
+        ),
+        progress=False,
+    )["train"]
     items = loader_fix(settings, manifest.url, max(3, settings.repeats))
     if "sampling" in results:  # measured there, interleaved with the 1-actor runs
         s = results["sampling"]
-        items.append({"bottleneck": "sampling job: one Ray Data actor decodes on one core",
-                      "what": f"`generate`, samples/s, N={s['config']['samples']}, median of "
-                              f"{s['config']['repeats']}",
-                      "before": s["samples_per_second"]["generate_ray_data"],
-                      "after": s["samples_per_second"]["generate_2_actors"],
-                      "where": "`num_actors: 2` (one per core) in the sample job"})
+        items.append(
+            {
+                "bottleneck": "sampling job: one Ray Data actor decodes on one core",
+                "what": f"`generate`, samples/s, N={s['config']['samples']}, median of "
+                f"{s['config']['repeats']}",
+                "before": s["samples_per_second"]["generate_ray_data"],
+                "after": s["samples_per_second"]["generate_2_actors"],
+                "where": "`num_actors: 2` (one per core) in the sample job",
+            }
+        )
     if "overhead" in results:  # not fixable here: Ray Train's own start-up
         o = results["overhead"]
-        items.append({"bottleneck": "Ray Train fixed start-up: controller + 5 helper actors + "
-                                    "workers, each a new Python process importing ray/torch",
-                      "what": "CPU seconds of the same minimal 2-process loop, median of "
-                              f"{o['config']['repeats']} (torchrun = 'before')",
-                      "before": o["torchrun"]["cpu_seconds"],
-                      "after": o["torchtrainer"]["cpu_seconds"],
-                      "where": "not fixed (Ray internals); amortized by long runs, see "
-                               "docs/PERFORMANCE.md"})
+        items.append(
+            {
+                "bottleneck": "Ray Train fixed start-up: controller + 5 helper actors + "
+                "workers, each a new Python process importing ray/torch",
+                "what": "CPU seconds of the same minimal 2-process loop, median of "
+                f"{o['config']['repeats']} (torchrun = 'before')",
+                "before": o["torchrun"]["cpu_seconds"],
+                "after": o["torchtrainer"]["cpu_seconds"],
+                "where": "not fixed (Ray internals); amortized by long runs, see "
+                "docs/PERFORMANCE.md",
+            }
+        )
     for item in items:
         log(f"fix: {item['what']}: {item['before']} -> {item['after']}")
     return {"items": items}

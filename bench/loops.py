@@ -55,7 +55,7 @@ def minimal_loop(config: dict) -> dict:
     first_step = 0.0
     for step in range(config["steps"]):
         i = step * batch % (len(data) - batch + 1)
-        x = data[i:i + batch]
+        x = data[i : i + batch]
         out = model(x, 1.0, 0.0)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -67,13 +67,18 @@ def minimal_loop(config: dict) -> dict:
             now = time.perf_counter()
             windows.append(every * batch * world / (now - t0))
             t0 = now
-    steady = windows[len(windows) // 2:]
-    return {"images_per_second": float(torch.tensor(steady).median()) if steady else 0.0,
-            "windows": [round(w, 1) for w in windows], "world_size": world,
-            "steps": config["steps"], "batch": config["batch"], "threads": config["threads"],
-            "seconds_to_first_step": round(first_step, 2),
-            "loop_seconds": round(time.perf_counter() - t_start, 2),
-            "loss": float(out["loss"].detach())}
+    steady = windows[len(windows) // 2 :]
+    return {
+        "images_per_second": float(torch.tensor(steady).median()) if steady else 0.0,
+        "windows": [round(w, 1) for w in windows],
+        "world_size": world,
+        "steps": config["steps"],
+        "batch": config["batch"],
+        "threads": config["threads"],
+        "seconds_to_first_step": round(first_step, 2),
+        "loop_seconds": round(time.perf_counter() - t_start, 2),
+        "loss": float(out["loss"].detach()),
+    }
 
 
 def ray_loop(config: dict) -> None:
@@ -101,8 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo")
     try:
-        res = minimal_loop({"steps": args.steps, "batch": args.batch, "threads": args.threads,
-                            "log_every": args.log_every})
+        res = minimal_loop(
+            {
+                "steps": args.steps,
+                "batch": args.batch,
+                "threads": args.threads,
+                "log_every": args.log_every,
+            }
+        )
         if not dist.is_initialized() or dist.get_rank() == 0:
             with open(args.out, "w") as f:
                 json.dump(res, f)

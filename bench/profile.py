@@ -32,12 +32,17 @@ def target_loader(seconds: float) -> None:
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        m = ingest(IngestConfig(output_url=tmp, source="fashion_mnist", limit=8192,
-                                shard_samples=1024, workers=2), progress=False)["train"]
+        m = ingest(
+            IngestConfig(
+                output_url=tmp, source="fashion_mnist", limit=8192, shard_samples=1024, workers=2
+            ),
+            progress=False,
+        )["train"]
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            stream = ShardStream(StreamConfig(train_url=m.url), rank=0, world_size=1,
-                                 batch_size=64, num_workers=1)
+            stream = ShardStream(
+                StreamConfig(train_url=m.url), rank=0, world_size=1, batch_size=64, num_workers=1
+            )
             for _ in make_loader(stream):
                 pass
 
@@ -99,14 +104,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.run:
         globals()[f"target_{args.target}"](args.seconds)
         return 0
-    child = [sys.executable, "-m", "bench.profile", args.target, "--run",
-             "--seconds", str(args.seconds)]
+    child = [
+        sys.executable,
+        "-m",
+        "bench.profile",
+        args.target,
+        "--run",
+        "--seconds",
+        str(args.seconds),
+    ]
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if Path(spy).exists():
         with tempfile.TemporaryDirectory() as tmp:
             raw = Path(tmp) / "raw.txt"
-            subprocess.run([spy, "record", "-r", "200", "--subprocesses", "-f", "raw", "-o",
-                            str(raw), "--", *child], check=True)
+            subprocess.run(
+                [
+                    spy,
+                    "record",
+                    "-r",
+                    "200",
+                    "--subprocesses",
+                    "-f",
+                    "raw",
+                    "-o",
+                    str(raw),
+                    "--",
+                    *child,
+                ],
+                check=True,
+            )
             print(summarize(raw, args.top))
         return 0
     print("py-spy not found: cProfile of the main process only", file=sys.stderr)

@@ -7,10 +7,20 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-PATHS = [("memory", "decode from memory (per-core limit)"), ("local", "local shards"),
-         ("s3", "S3 shards (SeaweedFS)"), ("folder", "folder, one file per image")]
-COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),
-          (140, 86, 75)]
+PATHS = [
+    ("memory", "decode from memory (per-core limit)"),
+    ("local", "local shards"),
+    ("s3", "S3 shards (SeaweedFS)"),
+    ("folder", "folder, one file per image"),
+]
+COLORS = [
+    (31, 119, 180),
+    (214, 39, 40),
+    (44, 160, 44),
+    (148, 103, 189),
+    (255, 127, 14),
+    (140, 86, 75),
+]
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -27,22 +37,32 @@ def _n(x, digits: int = 0) -> str:
 
 def machine_section(r: dict) -> list[str]:
     m, meta = r["machine"], r["meta"]
-    rows = [["CPU", f"{m['cpu_model']}, {m['cores']} cores, {m['memory_gib']} GiB, GPU: {m['gpu']}"],
-            ["software", f"Python {m['python']}, torch {m['torch']}, ray {m['ray']}, "
-                         f"Pillow {m['pillow']}, Linux {m['kernel']}"],
-            ["date", meta["date"]], ["command", f"`{meta['command']}`"],
-            ["mode", f"{meta['mode']} (runtime {meta['runtime_minutes']} min)"],
-            ["load average", f"{m['load_average_at_start']} at start, "
-                             f"{meta.get('load_average_at_end')} at end"]]
+    rows = [
+        ["CPU", f"{m['cpu_model']}, {m['cores']} cores, {m['memory_gib']} GiB, GPU: {m['gpu']}"],
+        [
+            "software",
+            f"Python {m['python']}, torch {m['torch']}, ray {m['ray']}, "
+            f"Pillow {m['pillow']}, Linux {m['kernel']}",
+        ],
+        ["date", meta["date"]],
+        ["command", f"`{meta['command']}`"],
+        ["mode", f"{meta['mode']} (runtime {meta['runtime_minutes']} min)"],
+        [
+            "load average",
+            f"{m['load_average_at_start']} at start, {meta.get('load_average_at_end')} at end",
+        ],
+    ]
     return _table(["machine", ""], rows)
 
 
 def data_section(d: dict) -> list[str]:
     first = next(iter(d.values()))
     workers = sorted({int(k.rsplit("_w", 1)[1]) for k in first["images_per_second"] if "_w" in k})
-    out = [f"### 1. Data path, images/s (median of {first['config']['repeats']} interleaved "
-           f"epochs; steady rate after the first batch; batch size per dataset below)",
-           ""]
+    out = [
+        f"### 1. Data path, images/s (median of {first['config']['repeats']} interleaved "
+        f"epochs; steady rate after the first batch; batch size per dataset below)",
+        "",
+    ]
     rows = []
     for name, res in d.items():
         c, ips = res["config"], res["images_per_second"]
@@ -56,140 +76,269 @@ def data_section(d: dict) -> list[str]:
     rows = []
     for name, res in d.items():
         q = res["ratios"]
-        for key, what in (("s3_vs_local", "S3 / local"), ("local_vs_limit", "local / limit"),
-                          ("shards_vs_folder", "shards / folder")):
+        for key, what in (
+            ("s3_vs_local", "S3 / local"),
+            ("local_vs_limit", "local / limit"),
+            ("shards_vs_folder", "shards / folder"),
+        ):
             rows.append([name, what, *(_n(q.get(f"{key}_w{n}"), 2) for n in workers)])
     out += _table(["dataset", "ratio", *(f"workers={n}" for n in workers)], rows)
-    out += ["The limit is one core decoding in-process; with 1-2 loader workers on 2 cores a "
-            "ratio above 1 means the loader used more than one core.", ""]
+    out += [
+        "The limit is one core decoding in-process; with 1-2 loader workers on 2 cores a "
+        "ratio above 1 means the loader used more than one core.",
+        "",
+    ]
     return out
 
 
 def train_section(t: dict) -> list[str]:
     c = t["config"]
-    out = [f"### 2. End to end training, img/s (model {c['model']}, global batch "
-           f"{c['global_batch']}, {c['torch_threads']} torch thread(s) per process, "
-           f"{c['loader_workers_per_rank']} loader worker(s) per rank; {c['dataset']})", ""]
-    rows = [["plain torch loop, in-memory tensors, 1 process",
-             f"{_n(t['plain']['images_per_second'])} (reps {t['plain']['repeats']})", "1.00",
-             "-", "-"]]
-    for key, what, base in (("ray_1w", "pipeline `run_training`, Ray Train 1 worker, S3 data",
-                             "plain"), ("ray_2w", "pipeline, 2 workers (DDP, gloo), same global "
-                                                   "batch", "1 worker")):
+    out = [
+        f"### 2. End to end training, img/s (model {c['model']}, global batch "
+        f"{c['global_batch']}, {c['torch_threads']} torch thread(s) per process, "
+        f"{c['loader_workers_per_rank']} loader worker(s) per rank; {c['dataset']})",
+        "",
+    ]
+    rows = [
+        [
+            "plain torch loop, in-memory tensors, 1 process",
+            f"{_n(t['plain']['images_per_second'])} (reps {t['plain']['repeats']})",
+            "1.00",
+            "-",
+            "-",
+        ]
+    ]
+    for key, what, base in (
+        ("ray_1w", "pipeline `run_training`, Ray Train 1 worker, S3 data", "plain"),
+        ("ray_2w", "pipeline, 2 workers (DDP, gloo), same global batch", "1 worker"),
+    ):
         r = t[key]
         q = t["ratios"]["ray_1w_vs_plain" if key == "ray_1w" else "ray_2w_vs_ray_1w"]
-        rows.append([what, _n(r["images_per_second"]), f"{q:.2f} (vs {base})",
-                     f"{r['data_wait_fraction']:.1%}", f"{r['wall_seconds']:.0f}"])
+        rows.append(
+            [
+                what,
+                _n(r["images_per_second"]),
+                f"{q:.2f} (vs {base})",
+                f"{r['data_wait_fraction']:.1%}",
+                f"{r['wall_seconds']:.0f}",
+            ]
+        )
     out += _table(["run", "img/s", "ratio", "data wait", "wall s"], rows)
-    out += [f"CPU seconds by process during the 1-worker run (wall {t['ray_1w']['wall_seconds']:.0f}"
-            f" s, start-up included): {t['ray_1w']['cpu_seconds_by_process']}.", ""]
-    out += [f"Ray runs: {c['ray_steps']} steps each, steady rate = median of the later half of "
-            f"the img/s points logged to MLflow every {c['log_every']} steps; plain loop: "
-            f"{c['plain_repeats']} repetitions of {c['plain_steps']} steps bracketing the Ray "
-            "runs, median of the later-half windows each, median over repetitions.", ""]
+    out += [
+        f"CPU seconds by process during the 1-worker run (wall {t['ray_1w']['wall_seconds']:.0f}"
+        f" s, start-up included): {t['ray_1w']['cpu_seconds_by_process']}.",
+        "",
+    ]
+    out += [
+        f"Ray runs: {c['ray_steps']} steps each, steady rate = median of the later half of "
+        f"the img/s points logged to MLflow every {c['log_every']} steps; plain loop: "
+        f"{c['plain_repeats']} repetitions of {c['plain_steps']} steps bracketing the Ray "
+        "runs, median of the later-half windows each, median over repetitions.",
+        "",
+    ]
     return out
 
 
 def overhead_section(o: dict) -> list[str]:
     c = o["config"]
-    out = [f"### 3. Ray Train overhead: the same minimal DDP loop (model {c['model']}, "
-           f"{c['processes']} processes, gloo, global batch {c['global_batch']}, {c['steps']} "
-           f"steps, {c['data']}), median of {c['repeats']} alternating repetition(s)", ""]
+    out = [
+        f"### 3. Ray Train overhead: the same minimal DDP loop (model {c['model']}, "
+        f"{c['processes']} processes, gloo, global batch {c['global_batch']}, {c['steps']} "
+        f"steps, {c['data']}), median of {c['repeats']} alternating repetition(s)",
+        "",
+    ]
     rows = []
-    for key, what in (("torchrun", "`torchrun --nproc_per_node 2`"),
-                      ("torchtrainer", "Ray Train `TorchTrainer`, 2 workers")):
+    for key, what in (
+        ("torchrun", "`torchrun --nproc_per_node 2`"),
+        ("torchtrainer", "Ray Train `TorchTrainer`, 2 workers"),
+    ):
         r = o[key]
-        rows.append([what, _n(r["images_per_second"]), f"{r['seconds_to_first_step']:.1f}",
-                     f"{r['wall_seconds']:.1f}", f"{r['cpu_seconds']:.1f}", str(r["repeats"])])
-    out += _table(["launcher", "steady img/s", "s to first step (in worker)", "wall s",
-                   "CPU s (all processes)", "img/s per rep"], rows)
+        rows.append(
+            [
+                what,
+                _n(r["images_per_second"]),
+                f"{r['seconds_to_first_step']:.1f}",
+                f"{r['wall_seconds']:.1f}",
+                f"{r['cpu_seconds']:.1f}",
+                str(r["repeats"]),
+            ]
+        )
+    out += _table(
+        [
+            "launcher",
+            "steady img/s",
+            "s to first step (in worker)",
+            "wall s",
+            "CPU s (all processes)",
+            "img/s per rep",
+        ],
+        rows,
+    )
     q = o["ratios"]
-    out += [f"TorchTrainer / torchrun: steady img/s {q['torchtrainer_vs_torchrun']:.2f}, "
-            f"wall time {q['wall_torchtrainer_vs_torchrun']:.2f}, CPU time "
-            f"{q['cpu_torchtrainer_vs_torchrun']:.2f}. CPU seconds by process under "
-            f"TorchTrainer (last rep): {o['torchtrainer']['cpu_seconds_by_name_last_rep']}.", ""]
+    out += [
+        f"TorchTrainer / torchrun: steady img/s {q['torchtrainer_vs_torchrun']:.2f}, "
+        f"wall time {q['wall_torchtrainer_vs_torchrun']:.2f}, CPU time "
+        f"{q['cpu_torchtrainer_vs_torchrun']:.2f}. CPU seconds by process under "
+        f"TorchTrainer (last rep): {o['torchtrainer']['cpu_seconds_by_name_last_rep']}.",
+        "",
+    ]
     return out
 
 
 def sampling_section(s: dict) -> list[str]:
     c, ips, q = s["config"], s["samples_per_second"], s["ratios"]
-    out = [f"### 4. Sampling, samples/s (model {c['model']}, N={c['samples']}, batch "
-           f"{c['batch_size']}, {c['torch_threads']} thread, median of {c['repeats']})", ""]
-    rows = [["plain loop: z -> decoder -> mean", _n(ips["plain_decoder"]), "1.00"],
-            ["`Sampler.__call__` in-process (seeded z per sample, PNG encode)",
-             _n(ips["sampler_in_process"]), f"{q['sampler_vs_plain']:.2f}"],
-            ["`sample_large.generate` (Ray Data, 1 actor, shards to S3), wall",
-             _n(ips["generate_ray_data"]), f"{q['generate_vs_plain']:.2f}"],
-            ["`generate`, its own clock (after the dataset is built)",
-             _n(ips["generate_after_start"]), f"{q['generate_after_start_vs_plain']:.2f}"],
-            ["`generate` with `num_actors: 2` (2 cores; not the same threads)",
-             _n(ips["generate_2_actors"]), f"{ips['generate_2_actors'] / ips['plain_decoder']:.2f}"]]
+    out = [
+        f"### 4. Sampling, samples/s (model {c['model']}, N={c['samples']}, batch "
+        f"{c['batch_size']}, {c['torch_threads']} thread, median of {c['repeats']})",
+        "",
+    ]
+    rows = [
+        ["plain loop: z -> decoder -> mean", _n(ips["plain_decoder"]), "1.00"],
+        [
+            "`Sampler.__call__` in-process (seeded z per sample, PNG encode)",
+            _n(ips["sampler_in_process"]),
+            f"{q['sampler_vs_plain']:.2f}",
+        ],
+        [
+            "`sample_large.generate` (Ray Data, 1 actor, shards to S3), wall",
+            _n(ips["generate_ray_data"]),
+            f"{q['generate_vs_plain']:.2f}",
+        ],
+        [
+            "`generate`, its own clock (after the dataset is built)",
+            _n(ips["generate_after_start"]),
+            f"{q['generate_after_start_vs_plain']:.2f}",
+        ],
+        [
+            "`generate` with `num_actors: 2` (2 cores; not the same threads)",
+            _n(ips["generate_2_actors"]),
+            f"{ips['generate_2_actors'] / ips['plain_decoder']:.2f}",
+        ],
+    ]
     cpu = s["cpu_seconds"]
-    return out + _table(["path", "samples/s", "vs plain"], rows) + [
-        f"CPU seconds for the N samples: plain loop {cpu['plain_decoder']}, `generate` "
-        f"{cpu['generate_ray_data']} (all our processes: actor start-up, Ray Data, driver "
-        f"writing shards), with 2 actors {cpu['generate_2_actors']}.", ""]
+    return (
+        out
+        + _table(["path", "samples/s", "vs plain"], rows)
+        + [
+            f"CPU seconds for the N samples: plain loop {cpu['plain_decoder']}, `generate` "
+            f"{cpu['generate_ray_data']} (all our processes: actor start-up, Ray Data, driver "
+            f"writing shards), with 2 actors {cpu['generate_2_actors']}.",
+            "",
+        ]
+    )
 
 
 def quality_section(q: dict) -> list[str]:
     c, v = q["config"], q["variants"]
-    out = [f"### 5. Quality after {c['cpu_minutes_per_variant']} CPU-minutes of training per "
-           f"variant ({c['cpu_seconds_per_variant']:.0f} CPU-s, 1 thread, "
-           f"{c['processes_side_by_side']} variants side by side; batch {c['batch_size']}, "
-           f"{c['optimizer']}; evaluation not counted)", ""]
+    out = [
+        f"### 5. Quality after {c['cpu_minutes_per_variant']} CPU-minutes of training per "
+        f"variant ({c['cpu_seconds_per_variant']:.0f} CPU-s, 1 thread, "
+        f"{c['processes_side_by_side']} variants side by side; batch {c['batch_size']}, "
+        f"{c['optimizer']}; evaluation not counted)",
+        "",
+    ]
     rows = []
     for name, r in v.items():
         t, e = r["train"], r["test"]
         if "full_iwae_nll_nats" in e:
-            metric = (f"binarized NLL **{e['full_iwae_nll_nats']:.2f} nats** (IWAE-{e['iwae_k']}, "
-                      f"all {e['full_iwae_images']} test images; -ELBO "
-                      f"{e['full_neg_elbo_nats']:.2f}); first {e['iwae_images']}: "
-                      f"{e['iwae_nll_nats']:.2f}")
+            metric = (
+                f"binarized NLL **{e['full_iwae_nll_nats']:.2f} nats** (IWAE-{e['iwae_k']}, "
+                f"all {e['full_iwae_images']} test images; -ELBO "
+                f"{e['full_neg_elbo_nats']:.2f}); first {e['iwae_images']}: "
+                f"{e['iwae_nll_nats']:.2f}"
+            )
         elif r["likelihood"] == "bernoulli":
-            metric = (f"binarized NLL {e['iwae_nll_nats']:.2f} nats (IWAE-{e['iwae_k']}, first "
-                      f"{e['iwae_images']} test images); -ELBO {e['test_neg_elbo_nats']:.2f} "
-                      f"nats ({e['test_images']} images)")
+            metric = (
+                f"binarized NLL {e['iwae_nll_nats']:.2f} nats (IWAE-{e['iwae_k']}, first "
+                f"{e['iwae_images']} test images); -ELBO {e['test_neg_elbo_nats']:.2f} "
+                f"nats ({e['test_images']} images)"
+            )
         elif name == "discretized_logistic":
-            metric = (f"{e['test_elbo_bits_per_dim']:.3f} bits/dim (ELBO, {e['test_images']} "
-                      f"images); {e['iwae_bits_per_dim']:.3f} (IWAE-{e['iwae_k']}, "
-                      f"{e['iwae_images']} images)")
+            metric = (
+                f"{e['test_elbo_bits_per_dim']:.3f} bits/dim (ELBO, {e['test_images']} "
+                f"images); {e['iwae_bits_per_dim']:.3f} (IWAE-{e['iwae_k']}, "
+                f"{e['iwae_images']} images)"
+            )
         else:
-            metric = (f"{e['test_elbo_bits_per_dim']:.3f} bits/dim (ELBO), PSNR "
-                      f"{e['psnr_db']:.1f} dB")
+            metric = (
+                f"{e['test_elbo_bits_per_dim']:.3f} bits/dim (ELBO), PSNR {e['psnr_db']:.1f} dB"
+            )
         epochs = t["images"] / 60000
-        rows.append([name, r.get("model", "mnist28"), t["steps"], f"{epochs:.1f}",
-                     f"{t['cpu_seconds']:.0f}", f"{t['wall_seconds']:.0f}", metric,
-                     f"{e['rate_bits']:.1f}", f"{e['distortion_bits']:.1f}",
-                     f"{e.get('psnr_db', float('nan')):.1f}"])
-    out += _table(["variant", "model", "steps", "epochs", "CPU s", "wall s", "test",
-                   "rate bits", "distortion bits", "PSNR dB"], rows)
+        rows.append(
+            [
+                name,
+                r.get("model", "mnist28"),
+                t["steps"],
+                f"{epochs:.1f}",
+                f"{t['cpu_seconds']:.0f}",
+                f"{t['wall_seconds']:.0f}",
+                metric,
+                f"{e['rate_bits']:.1f}",
+                f"{e['distortion_bits']:.1f}",
+                f"{e.get('psnr_db', float('nan')):.1f}",
+            ]
+        )
+    out += _table(
+        [
+            "variant",
+            "model",
+            "steps",
+            "epochs",
+            "CPU s",
+            "wall s",
+            "test",
+            "rate bits",
+            "distortion bits",
+            "PSNR dB",
+        ],
+        rows,
+    )
     runs: dict = {}
     for name, r in v.items():
         if "run" in r:
             key = (r["run"]["started"], r["run"]["side_by_side_with"], r["run"]["command"])
             runs.setdefault(key, []).append(name)
     if len(runs) > 1:
-        out += ["Runs: " + "; ".join(
-            f"{', '.join(names)}: started {started}, beside {n} other variant(s) (`{cmd}`)"
-            for (started, n, cmd), names in runs.items()) + ".", ""]
-    out += ["Published binarized Fashion-MNIST test NLL (Exemplar VAE, Norouzi et al. 2020): "
-            "MLP VAE with a Gaussian prior 228.7 nats, conv hierarchical VAE 225.4 nats, after "
-            "training to convergence (thousands of epochs). laplace = L1 and gaussian = L2 "
-            f"distortion (fixed sigma {c['sigma_laplace_gaussian']}); bits/dim are 8-bit "
-            "(continuous densities get the ln 255 bin width); PSNR of the reconstruction from "
-            "the posterior mean. The conv variants' IWAE runs on the first test images only: "
-            "the whole 10k split at k=5000 is 50M conv decoder passes (~5 h of 2 cores here); "
-            "the MLP's pass is ~50x cheaper, so it gets the whole split. "
-            "Training curve: ![training curve](training_curve.png)", ""]
+        out += [
+            "Runs: "
+            + "; ".join(
+                f"{', '.join(names)}: started {started}, beside {n} other variant(s) (`{cmd}`)"
+                for (started, n, cmd), names in runs.items()
+            )
+            + ".",
+            "",
+        ]
+    out += [
+        "Published binarized Fashion-MNIST test NLL (Exemplar VAE, Norouzi et al. 2020): "
+        "MLP VAE with a Gaussian prior 228.7 nats, conv hierarchical VAE 225.4 nats, after "
+        "training to convergence (thousands of epochs). laplace = L1 and gaussian = L2 "
+        f"distortion (fixed sigma {c['sigma_laplace_gaussian']}); bits/dim are 8-bit "
+        "(continuous densities get the ln 255 bin width); PSNR of the reconstruction from "
+        "the posterior mean. The conv variants' IWAE runs on the first test images only: "
+        "the whole 10k split at k=5000 is 50M conv decoder passes (~5 h of 2 cores here); "
+        "the MLP's pass is ~50x cheaper, so it gets the whole split. "
+        "Training curve: ![training curve](training_curve.png)",
+        "",
+    ]
     return out
 
 
 def fixes_section(f: dict) -> list[str]:
     out = ["### Top bottlenecks: before / after (measured in the same run, interleaved)", ""]
-    rows = [[x["bottleneck"], x["what"], _n(x["before"], 1), _n(x["after"], 1),
-             f"{x['after'] / x['before']:.2f}", x["where"]] for x in f["items"]]
-    return out + _table(["bottleneck", "measured", "before", "after", "after / before",
-                         "fix"], rows)
+    rows = [
+        [
+            x["bottleneck"],
+            x["what"],
+            _n(x["before"], 1),
+            _n(x["after"], 1),
+            f"{x['after'] / x['before']:.2f}",
+            x["where"],
+        ]
+        for x in f["items"]
+    ]
+    return out + _table(
+        ["bottleneck", "measured", "before", "after", "after / before", "fix"], rows
+    )
 
 
 def summary_section(r: dict) -> list[str]:
@@ -198,80 +347,136 @@ def summary_section(r: dict) -> list[str]:
     d = r.get("data_path", {}).get("fashion_mnist_28_png_L")
     if d:
         ips, q = d["images_per_second"], d["ratios"]
-        rows += [["data: Fashion-MNIST local shards, in-process", f"{_n(ips['local_w0'])} img/s",
-                  f"decode from memory {_n(ips['memory'])}", f"{q['local_vs_limit_w0']:.2f}"],
-                 ["data: S3 / local shards, 2 loader workers", f"{_n(ips['s3_w2'])} img/s",
-                  f"local {_n(ips['local_w2'])}", f"{q['s3_vs_local_w2']:.2f}"],
-                 ["data: shards / folder of files, 2 loader workers",
-                  f"{_n(ips['local_w2'])} img/s", f"folder {_n(ips['folder_w2'])}",
-                  f"{q['shards_vs_folder_w2']:.2f}"]]
+        rows += [
+            [
+                "data: Fashion-MNIST local shards, in-process",
+                f"{_n(ips['local_w0'])} img/s",
+                f"decode from memory {_n(ips['memory'])}",
+                f"{q['local_vs_limit_w0']:.2f}",
+            ],
+            [
+                "data: S3 / local shards, 2 loader workers",
+                f"{_n(ips['s3_w2'])} img/s",
+                f"local {_n(ips['local_w2'])}",
+                f"{q['s3_vs_local_w2']:.2f}",
+            ],
+            [
+                "data: shards / folder of files, 2 loader workers",
+                f"{_n(ips['local_w2'])} img/s",
+                f"folder {_n(ips['folder_w2'])}",
+                f"{q['shards_vs_folder_w2']:.2f}",
+            ],
+        ]
     t = r.get("train")
     if t:
-        rows += [["train: pipeline, Ray Train 1 worker, data from S3",
-                  f"{_n(t['ray_1w']['images_per_second'])} img/s",
-                  f"plain loop {_n(t['plain']['images_per_second'])}",
-                  f"{t['ratios']['ray_1w_vs_plain']:.2f}"],
-                 ["train: 2 DDP workers vs 1, same global batch",
-                  f"{_n(t['ray_2w']['images_per_second'])} img/s",
-                  f"1 worker {_n(t['ray_1w']['images_per_second'])}",
-                  f"{t['ratios']['ray_2w_vs_ray_1w']:.2f}"]]
+        rows += [
+            [
+                "train: pipeline, Ray Train 1 worker, data from S3",
+                f"{_n(t['ray_1w']['images_per_second'])} img/s",
+                f"plain loop {_n(t['plain']['images_per_second'])}",
+                f"{t['ratios']['ray_1w_vs_plain']:.2f}",
+            ],
+            [
+                "train: 2 DDP workers vs 1, same global batch",
+                f"{_n(t['ray_2w']['images_per_second'])} img/s",
+                f"1 worker {_n(t['ray_1w']['images_per_second'])}",
+                f"{t['ratios']['ray_2w_vs_ray_1w']:.2f}",
+            ],
+        ]
     o = r.get("overhead")
     if o:
-        rows += [["Ray Train overhead: TorchTrainer vs torchrun, steady img/s",
-                  f"{_n(o['torchtrainer']['images_per_second'])} img/s",
-                  f"torchrun {_n(o['torchrun']['images_per_second'])}",
-                  f"{o['ratios']['torchtrainer_vs_torchrun']:.2f}"],
-                 ["Ray Train overhead: wall time of the same run",
-                  f"{o['torchtrainer']['wall_seconds']:.1f} s",
-                  f"torchrun {o['torchrun']['wall_seconds']:.1f} s",
-                  f"{o['ratios']['wall_torchtrainer_vs_torchrun']:.2f}"]]
+        rows += [
+            [
+                "Ray Train overhead: TorchTrainer vs torchrun, steady img/s",
+                f"{_n(o['torchtrainer']['images_per_second'])} img/s",
+                f"torchrun {_n(o['torchrun']['images_per_second'])}",
+                f"{o['ratios']['torchtrainer_vs_torchrun']:.2f}",
+            ],
+            [
+                "Ray Train overhead: wall time of the same run",
+                f"{o['torchtrainer']['wall_seconds']:.1f} s",
+                f"torchrun {o['torchrun']['wall_seconds']:.1f} s",
+                f"{o['ratios']['wall_torchtrainer_vs_torchrun']:.2f}",
+            ],
+        ]
     s = r.get("sampling")
     if s:
         ips = s["samples_per_second"]
-        rows += [[f"sampling: `generate` (Ray Data), N={s['config']['samples']}",
-                  f"{_n(ips['generate_ray_data'])} samples/s",
-                  f"plain decoder loop {_n(ips['plain_decoder'])}",
-                  f"{s['ratios']['generate_vs_plain']:.2f}"]]
+        rows += [
+            [
+                f"sampling: `generate` (Ray Data), N={s['config']['samples']}",
+                f"{_n(ips['generate_ray_data'])} samples/s",
+                f"plain decoder loop {_n(ips['plain_decoder'])}",
+                f"{s['ratios']['generate_vs_plain']:.2f}",
+            ]
+        ]
     q = r.get("quality")
     if q:
         v, mins = q["variants"], q["config"]["cpu_minutes_per_variant"]
         if "discretized_logistic" in v:
             e = v["discretized_logistic"]["test"]
-            rows.append([f"quality after {mins} CPU-min: Fashion-MNIST 8-bit bits/dim",
-                         f"{e['test_elbo_bits_per_dim']:.3f} (ELBO, {e['test_images']} test)",
-                         f"IWAE-{e['iwae_k']}, {e['iwae_images']} images: "
-                         f"{e['iwae_bits_per_dim']:.3f}", "-"])
+            rows.append(
+                [
+                    f"quality after {mins} CPU-min: Fashion-MNIST 8-bit bits/dim",
+                    f"{e['test_elbo_bits_per_dim']:.3f} (ELBO, {e['test_images']} test)",
+                    f"IWAE-{e['iwae_k']}, {e['iwae_images']} images: {e['iwae_bits_per_dim']:.3f}",
+                    "-",
+                ]
+            )
         if "bernoulli_mlp" in v:
             e = v["bernoulli_mlp"]["test"]
-            rows.append([f"quality after {mins} CPU-min: binarized NLL, MLP VAE (nats)",
-                         f"{e['full_iwae_nll_nats']:.1f} (IWAE-{e['iwae_k']}, "
-                         f"{e['full_iwae_images']} test images)",
-                         "published MLP VAE: 228.7", f"{e['full_iwae_nll_nats'] / 228.7:.3f}"])
+            rows.append(
+                [
+                    f"quality after {mins} CPU-min: binarized NLL, MLP VAE (nats)",
+                    f"{e['full_iwae_nll_nats']:.1f} (IWAE-{e['iwae_k']}, "
+                    f"{e['full_iwae_images']} test images)",
+                    "published MLP VAE: 228.7",
+                    f"{e['full_iwae_nll_nats'] / 228.7:.3f}",
+                ]
+            )
         if "bernoulli" in v:
             e = v["bernoulli"]["test"]
-            rows.append([f"quality after {mins} CPU-min: binarized NLL, conv VAE (nats)",
-                         f"{e['iwae_nll_nats']:.1f} (IWAE-{e['iwae_k']}, {e['iwae_images']} "
-                         "test images)", f"-ELBO {e['test_neg_elbo_nats']:.1f} "
-                         f"({e['test_images']} images)", "-"])
+            rows.append(
+                [
+                    f"quality after {mins} CPU-min: binarized NLL, conv VAE (nats)",
+                    f"{e['iwae_nll_nats']:.1f} (IWAE-{e['iwae_k']}, {e['iwae_images']} "
+                    "test images)",
+                    f"-ELBO {e['test_neg_elbo_nats']:.1f} ({e['test_images']} images)",
+                    "-",
+                ]
+            )
         for name, label in (("laplace", "L1"), ("gaussian", "L2")):
             if name in v:
                 e = v[name]["test"]
-                rows.append([f"quality after {mins} CPU-min: {label} ({name}) rate / distortion",
-                             f"{e['rate_bits']:.1f} / {e['distortion_bits']:.1f} bits",
-                             f"PSNR {e['psnr_db']:.1f} dB", "-"])
+                rows.append(
+                    [
+                        f"quality after {mins} CPU-min: {label} ({name}) rate / distortion",
+                        f"{e['rate_bits']:.1f} / {e['distortion_bits']:.1f} bits",
+                        f"PSNR {e['psnr_db']:.1f} dB",
+                        "-",
+                    ]
+                )
     if not rows:
         return []
     m, meta = r["machine"], r["meta"]
-    head = [f"### Summary (`{meta['command']}`, {meta['mode']} mode, {meta['date']}, "
-            f"{m['cpu_model']} x{m['cores']} cores, torch {m['torch']}, ray {m['ray']})", ""]
+    head = [
+        f"### Summary (`{meta['command']}`, {meta['mode']} mode, {meta['date']}, "
+        f"{m['cpu_model']} x{m['cores']} cores, torch {m['torch']}, ray {m['ray']})",
+        "",
+    ]
     return head + _table(["measurement", "result", "baseline (same run)", "ratio"], rows)
 
 
 def markdown(r: dict) -> str:
     out = ["# Benchmark results", "", *summary_section(r), *machine_section(r)]
-    for key, fn in (("data_path", data_section), ("train", train_section),
-                    ("overhead", overhead_section), ("sampling", sampling_section),
-                    ("quality", quality_section), ("fixes", fixes_section)):
+    for key, fn in (
+        ("data_path", data_section),
+        ("train", train_section),
+        ("overhead", overhead_section),
+        ("sampling", sampling_section),
+        ("quality", quality_section),
+        ("fixes", fixes_section),
+    ):
         if key in r:
             out += fn(r[key])
     return "\n".join(out) + "\n"
@@ -300,8 +505,13 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [start + i * step for i in range(int((hi - start) / step) + 1)]
 
 
-def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str,
-           series: list[tuple[str, list[tuple[float, float]], tuple]], xlabel: str) -> None:
+def _panel(
+    draw: ImageDraw.ImageDraw,
+    box: tuple[int, int, int, int],
+    title: str,
+    series: list[tuple[str, list[tuple[float, float]], tuple]],
+    xlabel: str,
+) -> None:
     x0, y0, x1, y1 = box
     font, small = _font(15), _font(12)
     draw.text((x0 + 60, y0 + 4), title, fill="black", font=font)
@@ -318,8 +528,10 @@ def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str
 
     def px(x: float, y: float) -> tuple[float, float]:
         y = min(max(y, ylo), yhi)
-        return (left + (x - xmin) / (xmax - xmin) * (right - left),
-                bottom - (y - ylo) / (yhi - ylo) * (bottom - top))
+        return (
+            left + (x - xmin) / (xmax - xmin) * (right - left),
+            bottom - (y - ylo) / (yhi - ylo) * (bottom - top),
+        )
 
     draw.rectangle((left, top, right, bottom), outline="black")
     for t in _ticks(ylo, yhi):
@@ -345,22 +557,37 @@ def training_curve(quality: dict, path: Path) -> None:
     w, h = 1100, 40 + 360 * n_rows
     img = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(img)
-    draw.text((20, 8), f"Fashion-MNIST, training -ELBO (bits/dim) vs CPU seconds, "
-                       f"{quality['config']['cpu_seconds_per_variant']:.0f} CPU-s per variant",
-              fill="black", font=_font(17))
+    draw.text(
+        (20, 8),
+        f"Fashion-MNIST, training -ELBO (bits/dim) vs CPU seconds, "
+        f"{quality['config']['cpu_seconds_per_variant']:.0f} CPU-s per variant",
+        fill="black",
+        font=_font(17),
+    )
     for i, (name, r) in enumerate(variants.items()):
         col, row = i % 2, i // 2
-        box = (col * w // 2 + 10, 40 + row * (h - 40) // n_rows, (col + 1) * w // 2 - 10,
-               40 + (row + 1) * (h - 40) // n_rows)
+        box = (
+            col * w // 2 + 10,
+            40 + row * (h - 40) // n_rows,
+            (col + 1) * w // 2 - 10,
+            40 + (row + 1) * (h - 40) // n_rows,
+        )
         pts = [(c["cpu_seconds"], c["bits_per_dim"]) for c in r["curve"]]
-        smooth = [(x, sum(p[1] for p in pts[max(0, j - 4):j + 1]) / len(pts[max(0, j - 4):j + 1]))
-                  for j, (x, _) in enumerate(pts)]
+        smooth = [
+            (x, sum(p[1] for p in pts[max(0, j - 4) : j + 1]) / len(pts[max(0, j - 4) : j + 1]))
+            for j, (x, _) in enumerate(pts)
+        ]
         test = r["test"]
         label = "train -ELBO"
         if "test_elbo_bits_per_dim" in test:
             label += f" (test {test['test_elbo_bits_per_dim']:.3f})"
         elif "test_neg_elbo_nats" in test:
             label += f" (test {test['test_neg_elbo_nats'] / 784 / 0.693147:.3f})"
-        _panel(draw, box, f"{name}: {r['train']['steps']} steps (smoothed)",
-               [(label, smooth, COLORS[i])], "CPU seconds")
+        _panel(
+            draw,
+            box,
+            f"{name}: {r['train']['steps']} steps (smoothed)",
+            [(label, smooth, COLORS[i])],
+            "CPU seconds",
+        )
     img.save(path)

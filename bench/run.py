@@ -53,19 +53,36 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small N, ~3-4 minutes")
-    p.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
-                   help=f"comma-separated sections of {','.join(SECTIONS)} (default: all but "
-                        "quality, which has its own run: make bench-quality)")
+    p.add_argument(
+        "--only",
+        default=",".join(DEFAULT_SECTIONS),
+        help=f"comma-separated sections of {','.join(SECTIONS)} (default: all but "
+        "quality, which has its own run: make bench-quality)",
+    )
     p.add_argument("--out-dir", default=str(OUT_DIR), help="where results.{json,md} go")
-    p.add_argument("--quality-minutes", type=float, default=None,
-                   help="CPU minutes of training per quality variant (default: 1, quick 1/6)")
-    p.add_argument("--iwae-images", type=int, default=None,
-                   help="test images for the conv variants' IWAE-5000 (default 16, quick 8)")
-    p.add_argument("--quality-variants", default="",
-                   help="re-run only these quality variants (comma-separated) and merge them "
-                        "into OUT_DIR/results.json")
-    p.add_argument("--render", action="store_true",
-                   help="only re-render results.md and the curve from results.json")
+    p.add_argument(
+        "--quality-minutes",
+        type=float,
+        default=None,
+        help="CPU minutes of training per quality variant (default: 1, quick 1/6)",
+    )
+    p.add_argument(
+        "--iwae-images",
+        type=int,
+        default=None,
+        help="test images for the conv variants' IWAE-5000 (default 16, quick 8)",
+    )
+    p.add_argument(
+        "--quality-variants",
+        default="",
+        help="re-run only these quality variants (comma-separated) and merge them "
+        "into OUT_DIR/results.json",
+    )
+    p.add_argument(
+        "--render",
+        action="store_true",
+        help="only re-render results.md and the curve from results.json",
+    )
     args = p.parse_args(argv)
     if args.render:
         _write(json.loads((Path(args.out_dir) / "results.json").read_text()), Path(args.out_dir))
@@ -89,14 +106,22 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(settings.threads)
     t0 = time.perf_counter()
     command = "make bench" if not argv else f".venv/bin/python -m bench.run {' '.join(argv)}"
-    results: dict = {"meta": {"command": command, "mode": settings.mode,
-                              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                              "settings": vars(settings), "sections": only},
-                     "machine": common.machine()}
+    results: dict = {
+        "meta": {
+            "command": command,
+            "mode": settings.mode,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "settings": vars(settings),
+            "sections": only,
+        },
+        "machine": common.machine(),
+    }
     log(f"{settings.mode} mode, sections {only}; machine {results['machine']}")
     need_ray = bool({"train", "overhead", "sampling"} & set(only))
-    with BenchStack(num_cpus=4, with_ray=need_ray, with_mlflow="train" in only) as stack, \
-            tempfile.TemporaryDirectory(prefix="bench-data-") as work:
+    with (
+        BenchStack(num_cpus=4, with_ray=need_ray, with_mlflow="train" in only) as stack,
+        tempfile.TemporaryDirectory(prefix="bench-data-") as work,
+    ):
         results["meta"]["service_startup_seconds"] = stack.startup_seconds
         log(f"services up: {stack.startup_seconds}")
         timings = results["meta"].setdefault("section_seconds", {})
@@ -105,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                 if section == "data":
                     from bench import data_path
 
-                    results["data_path"] = data_path.run(settings, Path(work),
-                                                         stack.bucket("bench-data"), log)
+                    results["data_path"] = data_path.run(
+                        settings, Path(work), stack.bucket("bench-data"), log
+                    )
                 elif section == "train":
                     from bench import train_path
 
@@ -119,14 +145,20 @@ def main(argv: list[str] | None = None) -> int:
                     from bench import sampling
 
                     stack.ray_init()
-                    results["sampling"] = sampling.run(settings, stack.bucket("bench-samples"),
-                                                       stack.started, settings.threads, log)
+                    results["sampling"] = sampling.run(
+                        settings,
+                        stack.bucket("bench-samples"),
+                        stack.started,
+                        settings.threads,
+                        log,
+                    )
                 elif section == "quality":
                     from bench import quality
 
                     some = [v for v in args.quality_variants.split(",") if v]
-                    q = quality.run(settings, log, some or None,
-                                    save_dir=str(Path(args.out_dir) / "models"))
+                    q = quality.run(
+                        settings, log, some or None, save_dir=str(Path(args.out_dir) / "models")
+                    )
                     for v in q["variants"].values():
                         v["run"]["command"] = command
                     previous = Path(args.out_dir) / "results.json"
@@ -147,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     results["meta"]["runtime_minutes"] = round((time.perf_counter() - t0) / 60, 1)
     results["meta"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     _write(results, Path(args.out_dir))
-    log(f"done in {results['meta']['runtime_minutes']} min; wrote {args.out_dir}/results.json, "
-        "results.md")
+    log(
+        f"done in {results['meta']['runtime_minutes']} min; wrote {args.out_dir}/results.json, "
+        "results.md"
+    )
     return 0
 
 

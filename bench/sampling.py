@@ -55,15 +55,24 @@ def sampler_inprocess(m: LoadedModel, count: int, batch: int, cls=Sampler) -> fl
     return count / (time.perf_counter() - t0)
 
 
-def ray_generate(m: LoadedModel, count: int, batch: int, url: str, services: list,
-                 actors: int = 1) -> dict:
-    s = SampleConfig(output_url=url, num_samples=count, batch_size=batch, num_actors=actors,
-                     samples_per_shard=10000)
+def ray_generate(
+    m: LoadedModel, count: int, batch: int, url: str, services: list, actors: int = 1
+) -> dict:
+    s = SampleConfig(
+        output_url=url,
+        num_samples=count,
+        batch_size=batch,
+        num_actors=actors,
+        samples_per_shard=10000,
+    )
     with Stopwatch() as t, CpuMeter(services) as cpu:
         manifest = generate(m, s, url)
-    return {"samples_per_second": count / t.seconds,
-            "after_start_samples_per_second": manifest.stats["samples_per_second"],
-            "wall_seconds": t.seconds, "cpu_seconds": sum(cpu.seconds.values())}
+    return {
+        "samples_per_second": count / t.seconds,
+        "after_start_samples_per_second": manifest.stats["samples_per_second"],
+        "wall_seconds": t.seconds,
+        "cpu_seconds": sum(cpu.seconds.values()),
+    }
 
 
 def run(settings: Settings, s3_url: str, services: list, threads: int = 1, log=print) -> dict:
@@ -76,31 +85,47 @@ def run(settings: Settings, s3_url: str, services: list, threads: int = 1, log=p
         inproc.append(sampler_inprocess(m, n, b))
         ray_runs.append(ray_generate(m, n, b, f"{s3_url}/rep{i}", services))
         two.append(ray_generate(m, n, b, f"{s3_url}/two{i}", services, actors=2))
-        log(f"sampling rep {i}: plain {plain[-1]:.0f}, sampler {inproc[-1]:.0f}, "
+        log(
+            f"sampling rep {i}: plain {plain[-1]:.0f}, sampler {inproc[-1]:.0f}, "
             f"generate {ray_runs[-1]['samples_per_second']:.0f}, with 2 actors "
-            f"{two[-1]['samples_per_second']:.0f} samples/s")
+            f"{two[-1]['samples_per_second']:.0f} samples/s"
+        )
     base = median(plain)
     gen = median(r["samples_per_second"] for r in ray_runs)
     gen_steady = median(r["after_start_samples_per_second"] for r in ray_runs)
-    return {"config": {"model": MODEL, "samples": n, "batch_size": b, "actors": 1,
-                       "torch_threads": threads, "repeats": settings.sample_repeats,
-                       "output": "PNG WebDataset shards on S3"},
-            "samples_per_second": {"plain_decoder": rnd(base),
-                                   "sampler_in_process": rnd(median(inproc)),
-                                   "generate_ray_data": rnd(gen),
-                                   "generate_after_start": rnd(gen_steady),
-                                   "generate_2_actors": rnd(median(r["samples_per_second"]
-                                                                   for r in two))},
-            "cpu_seconds": {"plain_decoder": rnd(n / base),
-                            "generate_ray_data": rnd(median(r["cpu_seconds"] for r in ray_runs)),
-                            "generate_2_actors": rnd(median(r["cpu_seconds"] for r in two))},
-            "all_repeats": {"plain_decoder": [rnd(x) for x in plain],
-                            "sampler_in_process": [rnd(x) for x in inproc],
-                            "generate_ray_data": [rnd(r["samples_per_second"]) for r in ray_runs],
-                            "generate_wall_seconds": [rnd(r["wall_seconds"]) for r in ray_runs],
-                            "generate_2_actors": [rnd(r["samples_per_second"]) for r in two]},
-            "ratios": {"generate_vs_plain": ratio(gen, base),
-                       "generate_after_start_vs_plain": ratio(gen_steady, base),
-                       "sampler_vs_plain": ratio(median(inproc), base),
-                       "generate_2_actors_vs_1": ratio(median(r["samples_per_second"]
-                                                              for r in two), gen)}}
+    return {
+        "config": {
+            "model": MODEL,
+            "samples": n,
+            "batch_size": b,
+            "actors": 1,
+            "torch_threads": threads,
+            "repeats": settings.sample_repeats,
+            "output": "PNG WebDataset shards on S3",
+        },
+        "samples_per_second": {
+            "plain_decoder": rnd(base),
+            "sampler_in_process": rnd(median(inproc)),
+            "generate_ray_data": rnd(gen),
+            "generate_after_start": rnd(gen_steady),
+            "generate_2_actors": rnd(median(r["samples_per_second"] for r in two)),
+        },
+        "cpu_seconds": {
+            "plain_decoder": rnd(n / base),
+            "generate_ray_data": rnd(median(r["cpu_seconds"] for r in ray_runs)),
+            "generate_2_actors": rnd(median(r["cpu_seconds"] for r in two)),
+        },
+        "all_repeats": {
+            "plain_decoder": [rnd(x) for x in plain],
+            "sampler_in_process": [rnd(x) for x in inproc],
+            "generate_ray_data": [rnd(r["samples_per_second"]) for r in ray_runs],
+            "generate_wall_seconds": [rnd(r["wall_seconds"]) for r in ray_runs],
+            "generate_2_actors": [rnd(r["samples_per_second"]) for r in two],
+        },
+        "ratios": {
+            "generate_vs_plain": ratio(gen, base),
+            "generate_after_start_vs_plain": ratio(gen_steady, base),
+            "sampler_vs_plain": ratio(median(inproc), base),
+            "generate_2_actors_vs_1": ratio(median(r["samples_per_second"] for r in two), gen),
+        },
+    }

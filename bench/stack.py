@@ -44,8 +44,11 @@ class BenchStack:
 
     def __enter__(self) -> BenchStack:
         try:
-            self.s3 = stack.SeaweedFS(self.dir, access_key="BENCH" + secrets.token_hex(8).upper(),
-                                         secret_key=secrets.token_hex(20))
+            self.s3 = stack.SeaweedFS(
+                self.dir,
+                access_key="BENCH" + secrets.token_hex(8).upper(),
+                secret_key=secrets.token_hex(20),
+            )
             self._start(self.s3)
             self._setenv(self.s3.env)
             if self.with_mlflow:
@@ -56,8 +59,9 @@ class BenchStack:
             if self.with_ray:
                 # PYTHONPATH: Ray workers import bench.loops (bench/ is not an installed package)
                 env = {**self.s3.env, "PYTHONPATH": str(REPO_ROOT)}
-                self.ray = stack.RayHead(self.dir, num_cpus=self.num_cpus, env=env,
-                                            object_store_memory=512 * 2**20)
+                self.ray = stack.RayHead(
+                    self.dir, num_cpus=self.num_cpus, env=env, object_store_memory=512 * 2**20
+                )
                 self._start(self.ray)
                 self._setenv({**self.ray.client_env, "PYTHONPATH": str(REPO_ROOT)})
                 for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):

@@ -15,8 +15,13 @@ from collections.abc import Callable
 
 from pipeline.errors import PipelineError
 
-SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD",
-              "MLFLOW_TRACKING_TOKEN", "RAY_AUTH_TOKEN")
+SECRET_ENV = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "RAY_AUTH_TOKEN",
+)
 _SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|CREDENTIAL|PRIVATE_KEY", re.IGNORECASE)
 _NOT_SECRET = re.compile(r"_(PATH|FILE|DIR|MODE)$", re.IGNORECASE)  # RAY_AUTH_TOKEN_PATH: a path
 _USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s@:]+:[^/\s@]+@", re.IGNORECASE)
@@ -77,7 +82,9 @@ def cmd_train(args) -> int:
 
     config = dataclasses.replace(job.config, tracking=job.config.tracking.resolved())
     if args.name:
-        config = dataclasses.replace(config, scaling=dataclasses.replace(config.scaling, name=args.name))
+        config = dataclasses.replace(
+            config, scaling=dataclasses.replace(config.scaling, name=args.name)
+        )
     run_training(config, address=args.address, env_vars=job.runtime_env.get("env_vars") or {})
     return 0
 
@@ -146,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    sp = add("validate", cmd_validate, "check job yamls (types, keys, values) without touching anything")
+    sp = add(
+        "validate", cmd_validate, "check job yamls (types, keys, values) without touching anything"
+    )
     sp.add_argument("files", nargs="+", metavar="FILE")
 
     sp = add("ingest", cmd_ingest, "ingest an image dataset into WebDataset shards + manifest")
@@ -154,12 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("train", cmd_train, "train on Ray Train (starts or attaches to a Ray cluster)")
     sp.add_argument("file", metavar="FILE", help="a train job yaml, e.g. jobs/train.yaml")
-    sp.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local cluster)")
-    sp.add_argument("--name", default=None,
-                    help="override scaling.name (a new name starts a new run; the same name resumes)")
+    sp.add_argument(
+        "--address", default=None, help="Ray address (default: RAY_ADDRESS or a local cluster)"
+    )
+    sp.add_argument(
+        "--name",
+        default=None,
+        help="override scaling.name (a new name starts a new run; the same name resumes)",
+    )
 
-    sp = add("evaluate", cmd_evaluate, "ELBO, IWAE-K, bits/dim, PSNR of a checkpoint or registered model")
-    sp.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint URL")
+    sp = add(
+        "evaluate", cmd_evaluate, "ELBO, IWAE-K, bits/dim, PSNR of a checkpoint or registered model"
+    )
+    sp.add_argument(
+        "--model",
+        required=True,
+        help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint URL",
+    )
     sp.add_argument("--data", required=True, help="a shard folder URL holding manifest.json")
     sp.add_argument("--k", type=int, default=100, help="importance samples for the IWAE bound")
     sp.add_argument("--batches", type=int, default=10, help="batches to evaluate (0: all)")
@@ -167,13 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("sample", cmd_sample, "write sample galleries from a registered model (idempotent)")
     sp.add_argument("file", metavar="FILE", help="a sample job yaml, e.g. jobs/sample.yaml")
-    sp.add_argument("--if-new-version", action="store_true",
-                    help="do work only if the alias points to a version with no gallery yet")
+    sp.add_argument(
+        "--if-new-version",
+        action="store_true",
+        help="do work only if the alias points to a version with no gallery yet",
+    )
 
     sp = add("submit", cmd_submit, "submit a job yaml to a Ray cluster's job server")
     sp.add_argument("file", metavar="FILE")
-    sp.add_argument("--address", default=None,
-                    help="job server URL (default: RAY_ADDRESS or http://127.0.0.1:8265)")
+    sp.add_argument(
+        "--address",
+        default=None,
+        help="job server URL (default: RAY_ADDRESS or http://127.0.0.1:8265)",
+    )
     sp.add_argument("--no-wait", action="store_true", help="return after submitting")
 
     sp = add("stack", cmd_stack, "the local stack: SeaweedFS S3, MLflow, Ray head, Prometheus")

@@ -67,19 +67,28 @@ def parse_job(raw: Any, path: str = "") -> JobSpec:
     allowed = {"kind", "entrypoint", "runtime_env", "config"}
     for k in raw:
         if k not in allowed:
-            raise ConfigError(str(k), f"unknown key (expected one of: {', '.join(sorted(allowed))})")
+            raise ConfigError(
+                str(k), f"unknown key (expected one of: {', '.join(sorted(allowed))})"
+            )
     kind = raw.get("kind")
     if kind not in JOB_KINDS:
-        raise ConfigError("kind", f"expected one of {', '.join(map(repr, JOB_KINDS))}, got {kind!r}")
+        raise ConfigError(
+            "kind", f"expected one of {', '.join(map(repr, JOB_KINDS))}, got {kind!r}"
+        )
     entrypoint = raw.get("entrypoint")
     if not isinstance(entrypoint, str) or not entrypoint.strip():
-        raise ConfigError("entrypoint", "missing: expected the command Ray runs, e.g. 'python -m pipeline ...'")
+        raise ConfigError(
+            "entrypoint", "missing: expected the command Ray runs, e.g. 'python -m pipeline ...'"
+        )
     runtime_env = raw.get("runtime_env") or {}
     if not isinstance(runtime_env, dict):
         raise ConfigError("runtime_env", f"expected a mapping, got {runtime_env!r}")
     for k in runtime_env:
         if k not in _RUNTIME_ENV_KEYS:
-            raise ConfigError(f"runtime_env.{k}", f"unknown key (expected one of: {', '.join(sorted(_RUNTIME_ENV_KEYS))})")
+            raise ConfigError(
+                f"runtime_env.{k}",
+                f"unknown key (expected one of: {', '.join(sorted(_RUNTIME_ENV_KEYS))})",
+            )
     env_vars = runtime_env.get("env_vars") or {}
     if not isinstance(env_vars, dict):
         raise ConfigError("runtime_env.env_vars", f"expected a mapping, got {env_vars!r}")
@@ -94,4 +103,6 @@ def parse_job(raw: Any, path: str = "") -> JobSpec:
     if "config" not in raw:
         raise ConfigError("config", "missing required key (expected a mapping)")
     config = build(JOB_KINDS[kind], raw["config"], prefix="config")
-    return JobSpec(kind=kind, entrypoint=entrypoint, config=config, runtime_env=runtime_env, path=path)
+    return JobSpec(
+        kind=kind, entrypoint=entrypoint, config=config, runtime_env=runtime_env, path=path
+    )

@@ -34,17 +34,49 @@ DEFAULT_BACKOFF = 0.5  # seconds before the first retry, doubled per retry
 MAX_BACKOFF = 8.0
 TMP_MARK = ".tmp-"  # temp keys are ".{name}.tmp-{uuid}" next to the final key
 
-_SECRET_OPTIONS = {"key", "secret", "token", "password", "username", "aws_access_key_id",
-                   "aws_secret_access_key", "aws_session_token"}
+_SECRET_OPTIONS = {
+    "key",
+    "secret",
+    "token",
+    "password",
+    "username",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+}
 # Matched by class name over the MRO so botocore/aiohttp need not be imported here.
-_TRANSIENT_NAMES = {"ConnectionError", "HTTPClientError", "ReadTimeoutError",
-                    "ConnectTimeoutError", "ClientPayloadError", "ClientConnectionError",
-                    "ClientOSError", "ServerDisconnectedError", "ServerTimeoutError",
-                    "IncompleteRead", "FSTimeoutError", "TimeoutError", "ResponseStreamingError"}
-_TRANSIENT_ERRNOS = {errno.EREMOTEIO, errno.EBUSY, errno.EIO, errno.ECONNRESET,
-                     errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE}
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-              FileExistsError)
+_TRANSIENT_NAMES = {
+    "ConnectionError",
+    "HTTPClientError",
+    "ReadTimeoutError",
+    "ConnectTimeoutError",
+    "ClientPayloadError",
+    "ClientConnectionError",
+    "ClientOSError",
+    "ServerDisconnectedError",
+    "ServerTimeoutError",
+    "IncompleteRead",
+    "FSTimeoutError",
+    "TimeoutError",
+    "ResponseStreamingError",
+}
+_TRANSIENT_ERRNOS = {
+    errno.EREMOTEIO,
+    errno.EBUSY,
+    errno.EIO,
+    errno.ECONNRESET,
+    errno.ECONNREFUSED,
+    errno.ECONNABORTED,
+    errno.ETIMEDOUT,
+    errno.EPIPE,
+}
+_PERMANENT = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    FileExistsError,
+)
 
 
 class StorageError(PipelineError):
@@ -92,8 +124,13 @@ def describe_error(exc: BaseException, url: str) -> str:
     return f"{url}{where}: {type(exc).__name__}: {text}"
 
 
-def retry_call(fn: Callable[[], T], url: str, what: str = "access",
-               retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF) -> T:
+def retry_call(
+    fn: Callable[[], T],
+    url: str,
+    what: str = "access",
+    retries: int = DEFAULT_RETRIES,
+    backoff: float = DEFAULT_BACKOFF,
+) -> T:
     """Call ``fn()``; retry transient errors ``retries`` times with doubling backoff.
 
     Raises:
@@ -112,8 +149,14 @@ def retry_call(fn: Callable[[], T], url: str, what: str = "access",
                     f"cannot {what} {describe_error(e, url)} (gave up after {retries + 1} attempts)"
                 ) from e
             delay = min(backoff * 2**attempt, MAX_BACKOFF)
-            log.warning("transient error on %s (%s), retry %d/%d in %.1fs",
-                        url, type(e).__name__, attempt + 1, retries, delay)
+            log.warning(
+                "transient error on %s (%s), retry %d/%d in %.1fs",
+                url,
+                type(e).__name__,
+                attempt + 1,
+                retries,
+                delay,
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -192,8 +235,10 @@ def get_fs(url: str, storage_options: dict | None = None) -> tuple[Any, str]:
     options = dict(storage_options or {})
     secret = sorted(k for k in options if k.lower() in _SECRET_OPTIONS)
     if secret:
-        raise ConfigError("storage_options", f"credentials must come from the environment, "
-                          f"not config (remove {', '.join(secret)})")
+        raise ConfigError(
+            "storage_options",
+            f"credentials must come from the environment, not config (remove {', '.join(secret)})",
+        )
     if _protocol(url) in ("s3", "s3a"):
         options = _s3_options(url, options)
     try:
@@ -231,9 +276,14 @@ def parent(url: str) -> str:
 # ---------------------------------------------------------------------------- operations
 
 
-def open_url(url: str, mode: str = "rb", storage_options: dict | None = None,
-             retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF,
-             **open_kwargs: Any) -> IO:
+def open_url(
+    url: str,
+    mode: str = "rb",
+    storage_options: dict | None = None,
+    retries: int = DEFAULT_RETRIES,
+    backoff: float = DEFAULT_BACKOFF,
+    **open_kwargs: Any,
+) -> IO:
     """Open ``url`` (retrying transient errors on open); the caller closes it.
 
     For reads, later transient errors surface from ``read()``; callers that stream (the
@@ -245,27 +295,43 @@ def open_url(url: str, mode: str = "rb", storage_options: dict | None = None,
     return retry_call(lambda: fs.open(path, mode, **open_kwargs), url, "open", retries, backoff)
 
 
-def read_bytes(url: str, storage_options: dict | None = None,
-               retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF) -> bytes:
+def read_bytes(
+    url: str,
+    storage_options: dict | None = None,
+    retries: int = DEFAULT_RETRIES,
+    backoff: float = DEFAULT_BACKOFF,
+) -> bytes:
     """The whole object at ``url``."""
     fs, path = get_fs(url, storage_options)
     return retry_call(lambda: fs.cat_file(path), url, "read", retries, backoff)
 
 
-def exists(url: str, storage_options: dict | None = None,
-           retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF) -> bool:
+def exists(
+    url: str,
+    storage_options: dict | None = None,
+    retries: int = DEFAULT_RETRIES,
+    backoff: float = DEFAULT_BACKOFF,
+) -> bool:
     fs, path = get_fs(url, storage_options)
     return retry_call(lambda: fs.exists(path), url, "check", retries, backoff)
 
 
-def size(url: str, storage_options: dict | None = None,
-         retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF) -> int:
+def size(
+    url: str,
+    storage_options: dict | None = None,
+    retries: int = DEFAULT_RETRIES,
+    backoff: float = DEFAULT_BACKOFF,
+) -> int:
     fs, path = get_fs(url, storage_options)
     return int(retry_call(lambda: fs.size(path), url, "stat", retries, backoff))
 
 
-def listdir(url: str, storage_options: dict | None = None,
-            retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF) -> list[str]:
+def listdir(
+    url: str,
+    storage_options: dict | None = None,
+    retries: int = DEFAULT_RETRIES,
+    backoff: float = DEFAULT_BACKOFF,
+) -> list[str]:
     """Sorted base names directly under ``url``; ``[]`` if it does not exist."""
     fs, path = get_fs(url, storage_options)
 
@@ -281,8 +347,13 @@ def listdir(url: str, storage_options: dict | None = None,
     return retry_call(ls, url, "list", retries, backoff)
 
 
-def remove(url: str, storage_options: dict | None = None, missing_ok: bool = True,
-           retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF) -> None:
+def remove(
+    url: str,
+    storage_options: dict | None = None,
+    missing_ok: bool = True,
+    retries: int = DEFAULT_RETRIES,
+    backoff: float = DEFAULT_BACKOFF,
+) -> None:
     fs, path = get_fs(url, storage_options)
 
     def rm() -> None:
@@ -296,8 +367,12 @@ def remove(url: str, storage_options: dict | None = None, missing_ok: bool = Tru
 
 
 @contextlib.contextmanager
-def atomic_write(url: str, storage_options: dict | None = None,
-                 retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF) -> Iterator[IO]:
+def atomic_write(
+    url: str,
+    storage_options: dict | None = None,
+    retries: int = DEFAULT_RETRIES,
+    backoff: float = DEFAULT_BACKOFF,
+) -> Iterator[IO]:
     """Write ``url`` so no reader ever sees it half-written.
 
     Yields a binary file that writes ``.{name}.tmp-{uuid}`` next to ``url``; on a clean exit
@@ -325,8 +400,13 @@ def atomic_write(url: str, storage_options: dict | None = None,
                 fs.rm_file(tmp)
 
 
-def put_atomic(url: str, data: bytes, storage_options: dict | None = None,
-               retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF) -> None:
+def put_atomic(
+    url: str,
+    data: bytes,
+    storage_options: dict | None = None,
+    retries: int = DEFAULT_RETRIES,
+    backoff: float = DEFAULT_BACKOFF,
+) -> None:
     """Write ``data`` to ``url`` atomically (see :func:`atomic_write`), retrying as a whole."""
 
     def put() -> None:
@@ -342,8 +422,13 @@ def put_atomic(url: str, data: bytes, storage_options: dict | None = None,
     retry_call(attempt, url, "write", retries, backoff)
 
 
-def download_dir(url: str, local_dir: str, storage_options: dict | None = None,
-                 retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF) -> str:
+def download_dir(
+    url: str,
+    local_dir: str,
+    storage_options: dict | None = None,
+    retries: int = DEFAULT_RETRIES,
+    backoff: float = DEFAULT_BACKOFF,
+) -> str:
     """The files under ``url`` as a local folder: ``url`` itself if local, else a recursive
     copy into ``local_dir`` (returned)."""
     fs, path = get_fs(url, storage_options)

@@ -11,8 +11,18 @@ from pipeline.jobs import JobSpec
 
 # Never shipped to the cluster: keeps the upload under Ray's 100 MiB working_dir cap.
 DEFAULT_EXCLUDES = [
-    ".git", ".venv", ".stack", ".cache", ".data", "/data", "mlruns", "**/__pycache__",
-    "*.egg-info", ".pytest_cache", ".ruff_cache", "/bench/results*",
+    ".git",
+    ".venv",
+    ".stack",
+    ".cache",
+    ".data",
+    "/data",
+    "mlruns",
+    "**/__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+    ".ruff_cache",
+    "/bench/results*",
 ]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -35,7 +45,9 @@ def submit(job: JobSpec, address: str | None = None, wait: bool = True, poll: fl
     try:
         client = JobSubmissionClient(address)
     except Exception as e:  # connection refused, auth refused, version mismatch
-        raise PipelineError(f"cannot reach the Ray job server at {address}: {first_line(e)}") from None
+        raise PipelineError(
+            f"cannot reach the Ray job server at {address}: {first_line(e)}"
+        ) from None
     job_id = client.submit_job(entrypoint=job.entrypoint, runtime_env=runtime_env_for(job))
     print(f"submitted {job.path or job.kind} as {job_id} to {address}", flush=True)
     if not wait:
@@ -53,4 +65,3 @@ def submit(job: JobSpec, address: str | None = None, wait: bool = True, poll: fl
         time.sleep(poll)
     print(f"job {job_id}: {status}", flush=True)
     return 0 if status == "SUCCEEDED" else 1
-

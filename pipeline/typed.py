@@ -167,7 +167,9 @@ def build(cls: type, data: Any, prefix: str = "") -> Any:
         if name in data:
             kwargs[name] = _coerce(hints[name], data[name], join(name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(join(name), f"missing required key (expected {_type_name(hints[name])})")
+            raise ConfigError(
+                join(name), f"missing required key (expected {_type_name(hints[name])})"
+            )
     try:
         return cls(**kwargs)
     except ConfigError as e:

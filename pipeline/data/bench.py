@@ -56,11 +56,15 @@ def memory_run(samples: list[dict], size: int, channels: int, batch_size: int):
     shape = (channels, size, size)
 
     def run():
-        stages = [lambda s: decode(s, size=(size, size), channels=channels, resize=False,
-                                   crop="none", max_pixels=2**26),
-                  lambda s: batched(s, batch_size), lambda s: fill_bad(s, shape=shape),
-                  lambda s: collate(s)]
-        usable = samples[:len(samples) // batch_size * batch_size]
+        stages = [
+            lambda s: decode(
+                s, size=(size, size), channels=channels, resize=False, crop="none", max_pixels=2**26
+            ),
+            lambda s: batched(s, batch_size),
+            lambda s: fill_bad(s, shape=shape),
+            lambda s: collate(s),
+        ]
+        usable = samples[: len(samples) // batch_size * batch_size]
         return (len(b["key"]) for b in pipeline(iter(usable), stages))
 
     return run
@@ -68,8 +72,13 @@ def memory_run(samples: list[dict], size: int, channels: int, batch_size: int):
 
 def stream_run(url: str, batch_size: int, workers: int):
     def run():
-        stream = ShardStream(StreamConfig(train_url=url), rank=0, world_size=1,
-                             batch_size=batch_size, num_workers=workers)
+        stream = ShardStream(
+            StreamConfig(train_url=url),
+            rank=0,
+            world_size=1,
+            batch_size=batch_size,
+            num_workers=workers,
+        )
         return (len(b["key"]) for b in make_loader(stream))
 
     return run
@@ -85,28 +94,49 @@ class FileDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        pixels = decode_image(self.files[i].read_bytes(), (self.size, self.size),
-                              self.channels, False, "none", 2**26)
+        pixels = decode_image(
+            self.files[i].read_bytes(), (self.size, self.size), self.channels, False, "none", 2**26
+        )
         return torch.from_numpy(pixels.copy()).float().div_(255)
 
 
 def folder_run(files: list[Path], size: int, channels: int, batch_size: int, workers: int):
     def run():
-        loader = DataLoader(FileDataset(files, size, channels), batch_size=batch_size,
-                            shuffle=True, drop_last=True, num_workers=workers)
+        loader = DataLoader(
+            FileDataset(files, size, channels),
+            batch_size=batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=workers,
+        )
         return (len(x) for x in loader)
 
     return run
 
 
-def run_bench(count: int, size: int, mode: str, batch_size: int, workers: list[int],
-              repeats: int, s3_url: str = "", work_dir: str = "") -> dict:
+def run_bench(
+    count: int,
+    size: int,
+    mode: str,
+    batch_size: int,
+    workers: list[int],
+    repeats: int,
+    s3_url: str = "",
+    work_dir: str = "",
+) -> dict:
     """Ingest synthetic images once per target, then measure every read path."""
     channels = 3 if mode == "RGB" else 1
     tmp = tempfile.TemporaryDirectory() if not work_dir else None
     root = Path(work_dir or tmp.name)
-    base = dict(source="synthetic", synthetic_count=count, synthetic_size=size,
-                synthetic_mode=mode, test_fraction=0.0, shard_samples=1024, workers=2)
+    base = dict(
+        source="synthetic",
+        synthetic_count=count,
+        synthetic_size=size,
+        synthetic_mode=mode,
+        test_fraction=0.0,
+        shard_samples=1024,
+        workers=2,
+    )
     local = ingest(IngestConfig(output_url=str(root / "shards"), **base), progress=False)
     manifest = local["train"]
     samples = []
@@ -119,11 +149,19 @@ def run_bench(count: int, size: int, mode: str, batch_size: int, workers: list[i
         files.append(folder / f"{s['__key__']}.png")
         if not files[-1].exists():
             files[-1].write_bytes(s["png"])
-    results: dict = {"config": {"count": count, "size": size, "mode": mode,
-                                "batch_size": batch_size, "repeats": repeats,
-                                "shard_bytes": manifest.shards[0].bytes,
-                                "torch_threads": torch.get_num_threads()},
-                     "images_per_second": {}, "first_batch_seconds": {}}
+    results: dict = {
+        "config": {
+            "count": count,
+            "size": size,
+            "mode": mode,
+            "batch_size": batch_size,
+            "repeats": repeats,
+            "shard_bytes": manifest.shards[0].bytes,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "images_per_second": {},
+        "first_batch_seconds": {},
+    }
     rates, firsts = results["images_per_second"], results["first_batch_seconds"]
     runs = {"memory": memory_run(samples, size, channels, batch_size)}
     if s3_url:
@@ -166,8 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="", help="also write the JSON here")
     args = p.parse_args(argv)
     workers = [int(w) for w in args.workers.split(",")]
-    results = run_bench(args.count, args.size, args.mode, args.batch_size, workers,
-                        args.repeats, args.s3_url, args.work_dir)
+    results = run_bench(
+        args.count,
+        args.size,
+        args.mode,
+        args.batch_size,
+        workers,
+        args.repeats,
+        args.s3_url,
+        args.work_dir,
+    )
     text = json.dumps(results, indent=1)
     print(text)
     if args.out:

@@ -21,12 +21,18 @@ class IngestConfig(Checked):
     source: Literal["fashion_mnist", "folder", "archive", "synthetic"] = "fashion_mnist"
     source_path: str = ""  # fashion_mnist: idx dir ("" -> Debian's package); folder/archive: path
     shard_bytes: Annotated[int, Range(ge=1)] = 128 * 2**20  # target bytes per shard
-    shard_samples: Annotated[int, Range(ge=0)] = 0  # >0: cut shards by sample count instead of bytes
+    shard_samples: Annotated[int, Range(ge=0)] = (
+        0  # >0: cut shards by sample count instead of bytes
+    )
     encoding: Literal["png", "jpeg"] = "png"
     jpeg_quality: Annotated[int, Range(ge=1, le=100)] = 95
-    image_size: Annotated[int, Range(ge=0)] = 0  # 0: keep the source size; else resize + center crop to a square
+    image_size: Annotated[int, Range(ge=0)] = (
+        0  # 0: keep the source size; else resize + center crop to a square
+    )
     mode: Literal["", "L", "RGB"] = ""  # "": keep the source mode
-    test_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.1  # folder/archive/synthetic sources without their own split
+    test_fraction: Annotated[float, Range(ge=0, lt=1)] = (
+        0.1  # folder/archive/synthetic sources without their own split
+    )
     limit: Annotated[int, Range(ge=0)] = 0  # >0: take only the first N samples of each split
     synthetic_count: Annotated[int, Range(ge=1)] = 1000
     synthetic_size: Annotated[int, Range(ge=1)] = 28
@@ -39,8 +45,9 @@ class IngestConfig(Checked):
     def __post_init__(self):
         super().__post_init__()
         if not self.output_url:
-            raise ConfigError("output_url",
-                              "must be a local path or fsspec URL, e.g. s3://bucket/prefix")
+            raise ConfigError(
+                "output_url", "must be a local path or fsspec URL, e.g. s3://bucket/prefix"
+            )
         if self.source in ("folder", "archive") and not self.source_path:
             raise ConfigError("source_path", f"required for source {self.source!r}")
 
@@ -59,7 +66,9 @@ class StreamConfig(Checked):
     num_workers: Annotated[int, Range(ge=0)] = 2  # DataLoader workers per rank
     remainder: Literal["drop", "pad"] = "drop"
     normalize: Literal["unit", "symmetric", "standard"] = "unit"  # [0,1]; [-1,1]; manifest mean/std
-    max_pixels: Annotated[int, Range(ge=1)] = 2**26  # larger images are skipped as decompression bombs
+    max_pixels: Annotated[int, Range(ge=1)] = (
+        2**26
+    )  # larger images are skipped as decompression bombs
     max_bad_samples: Annotated[int, Range(ge=0)] = 100  # error budget per rank per epoch
     retries: Annotated[int, Range(ge=0)] = 5  # per shard read on transient storage errors
     retry_backoff: Annotated[float, Range(ge=0)] = 0.5  # seconds, doubled per retry
@@ -70,8 +79,9 @@ class StreamConfig(Checked):
         if not self.train_url:
             raise ConfigError("train_url", "must be a shard folder URL holding manifest.json")
         if self.channels not in (0, 1, 3):
-            raise ConfigError("channels",
-                              f"must be 1 or 3 (0: from the manifest), got {self.channels}")
+            raise ConfigError(
+                "channels", f"must be 1 or 3 (0: from the manifest), got {self.channels}"
+            )
 
 
 @dataclass

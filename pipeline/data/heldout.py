@@ -10,14 +10,25 @@ from pipeline.data.config import StreamConfig
 from pipeline.data.stream import ShardStream, make_loader
 
 
-def iter_images(url: str, batch_size: int, image_size: int = 0, channels: int = 0,
-                storage_options: dict | None = None) -> Iterator[torch.Tensor]:
+def iter_images(
+    url: str,
+    batch_size: int,
+    image_size: int = 0,
+    channels: int = 0,
+    storage_options: dict | None = None,
+) -> Iterator[torch.Tensor]:
     """Batches (B, C, H, W) in [0, 1] of the split at ``url``, in shard order (last partial
     batch dropped)."""
-    config = StreamConfig(train_url=url, image_size=image_size, channels=channels,
-                          num_workers=0, storage_options=storage_options or {})
-    stream = ShardStream(config, rank=0, world_size=1, batch_size=batch_size, split="train",
-                         shuffle=False)
+    config = StreamConfig(
+        train_url=url,
+        image_size=image_size,
+        channels=channels,
+        num_workers=0,
+        storage_options=storage_options or {},
+    )
+    stream = ShardStream(
+        config, rank=0, world_size=1, batch_size=batch_size, split="train", shuffle=False
+    )
     stream.set_epoch(0)
     for batch in make_loader(stream):
         yield batch["image"]

@@ -88,9 +88,16 @@ def _encode_one(job: tuple[str, int, str]) -> Encoded:
     image, label = source.load(split, i)
     image = prepare(image, config.image_size, config.mode)
     pixels = np.asarray(image, dtype=np.float64).reshape(image.size[1], image.size[0], -1) / 255
-    return Encoded(key, label, encode(image, config.encoding, config.jpeg_quality),
-                   image.size[0], image.size[1], image.mode,
-                   pixels.sum(axis=(0, 1)).tolist(), np.square(pixels).sum(axis=(0, 1)).tolist())
+    return Encoded(
+        key,
+        label,
+        encode(image, config.encoding, config.jpeg_quality),
+        image.size[0],
+        image.size[1],
+        image.mode,
+        pixels.sum(axis=(0, 1)).tolist(),
+        np.square(pixels).sum(axis=(0, 1)).tolist(),
+    )
 
 
 def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -122,8 +129,11 @@ class ShardWriter:
         size = _member_bytes(len(e.data)) + (_member_bytes(4) if e.label >= 0 else 0)
         by_count = self.config.shard_samples > 0
         padded = -(-(self.bytes + size) // _RECORD) * _RECORD
-        full = (self.count >= self.config.shard_samples if by_count
-                else padded > self.config.shard_bytes)
+        full = (
+            self.count >= self.config.shard_samples
+            if by_count
+            else padded > self.config.shard_bytes
+        )
         if self.count and full:
             self.flush()
         _member(self.tar, f"{e.key}.{self.ext}", e.data)
@@ -191,16 +201,25 @@ class IngestStats:
             mean = std = np.zeros(0)
         width, height = next(iter(self.sizes)) if len(self.sizes) == 1 else (0, 0)
         mode = next(iter(self.modes)) if len(self.modes) == 1 else "mixed"
-        return {"count": self.count, "width": width, "height": height, "mode": mode,
-                "channels": {"L": 1, "RGB": 3}.get(mode, 0),
-                "mean": [round(float(m), 6) for m in mean],
-                "std": [round(float(s), 6) for s in std], "encoding": encoding,
-                "classes": classes}
+        return {
+            "count": self.count,
+            "width": width,
+            "height": height,
+            "mode": mode,
+            "channels": {"L": 1, "RGB": 3}.get(mode, 0),
+            "mean": [round(float(m), 6) for m in mean],
+            "std": [round(float(s), 6) for s in std],
+            "encoding": encoding,
+            "classes": classes,
+        }
 
 
 def _stale(split_url: str, keep: set[str], storage_options: dict) -> list[str]:
-    return [n for n in storage.listdir(split_url, storage_options)
-            if n.startswith("shard-") and n.endswith(".tar") and n not in keep]
+    return [
+        n
+        for n in storage.listdir(split_url, storage_options)
+        if n.startswith("shard-") and n.endswith(".tar") and n not in keep
+    ]
 
 
 def _say(progress: bool, message: str) -> None:
@@ -215,8 +234,11 @@ def ingest_split(source, split: str, config: IngestConfig, pool, progress: bool)
     want = fingerprint(config, split)
     old = try_read_manifest(split_url, config.storage_options)
     if old is not None and old.ingest == want:
-        _say(progress, f"skip {split}: {storage.join(split_url, MANIFEST)} already matches this "
-                       f"config ({old.count} samples, {len(old.shards)} shards)")
+        _say(
+            progress,
+            f"skip {split}: {storage.join(split_url, MANIFEST)} already matches this "
+            f"config ({old.count} samples, {len(old.shards)} shards)",
+        )
         return old
     if old is not None:
         log.warning("%s: manifest from a different config; rewriting the split", split_url)
@@ -225,13 +247,19 @@ def ingest_split(source, split: str, config: IngestConfig, pool, progress: bool)
     jobs = [(split, i, f"{split}-{i:08d}") for i in indices]
     writer, stats = ShardWriter(split_url, config), IngestStats()
     results = pool.imap(_encode_one, jobs, chunksize=64) if pool else map(_encode_one, jobs)
-    for e in tqdm(results, total=len(jobs), desc=f"ingest {split}", unit="img",
-                  disable=not progress):
+    for e in tqdm(
+        results, total=len(jobs), desc=f"ingest {split}", unit="img", disable=not progress
+    ):
         writer.add(e)
         stats.add(e)
     shards = writer.close()
-    manifest = Manifest(split=split, shards=shards, url=split_url, ingest=want,
-                        stats=stats.to_dict(config.encoding, list(source.classes)))
+    manifest = Manifest(
+        split=split,
+        shards=shards,
+        url=split_url,
+        ingest=want,
+        stats=stats.to_dict(config.encoding, list(source.classes)),
+    )
     write_manifest(manifest, split_url, config.storage_options)
     for name in _stale(split_url, {s.name for s in shards}, config.storage_options):
         storage.remove(storage.join(split_url, name), config.storage_options)

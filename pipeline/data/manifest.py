@@ -58,9 +58,14 @@ class Manifest:
         return storage.join(self.url, self.shards[i].name)
 
     def to_json(self) -> str:
-        doc = {"version": self.version, "split": self.split, "count": self.count,
-               "shards": [asdict(s) for s in self.shards], "stats": self.stats,
-               "ingest": self.ingest}
+        doc = {
+            "version": self.version,
+            "split": self.split,
+            "count": self.count,
+            "shards": [asdict(s) for s in self.shards],
+            "stats": self.stats,
+            "ingest": self.ingest,
+        }
         return json.dumps(doc, indent=1, sort_keys=False) + "\n"
 
     @classmethod
@@ -70,21 +75,32 @@ class Manifest:
             doc = json.loads(text)
             if doc.get("version") != VERSION:
                 raise DataError(f"{where}: unsupported manifest version {doc.get('version')!r}")
-            shards = [ShardInfo(str(s["name"]), int(s["samples"]), int(s["bytes"]),
-                                str(s["sha256"])) for s in doc["shards"]]
-            manifest = cls(split=str(doc["split"]), shards=shards, stats=dict(doc["stats"]),
-                           ingest=dict(doc.get("ingest", {})), url=url)
+            shards = [
+                ShardInfo(str(s["name"]), int(s["samples"]), int(s["bytes"]), str(s["sha256"]))
+                for s in doc["shards"]
+            ]
+            manifest = cls(
+                split=str(doc["split"]),
+                shards=shards,
+                stats=dict(doc["stats"]),
+                ingest=dict(doc.get("ingest", {})),
+                url=url,
+            )
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
         if doc.get("count", manifest.count) != manifest.count:
-            raise DataError(f"{where}: count {doc['count']} != sum of shard samples "
-                            f"{manifest.count}")
+            raise DataError(
+                f"{where}: count {doc['count']} != sum of shard samples {manifest.count}"
+            )
         return manifest
 
 
-def read_manifest(url: str, storage_options: dict | None = None,
-                  retries: int = storage.DEFAULT_RETRIES,
-                  backoff: float = storage.DEFAULT_BACKOFF) -> Manifest:
+def read_manifest(
+    url: str,
+    storage_options: dict | None = None,
+    retries: int = storage.DEFAULT_RETRIES,
+    backoff: float = storage.DEFAULT_BACKOFF,
+) -> Manifest:
     """Read ``{url}/manifest.json``; ``url`` is a split folder.
 
     Raises:

@@ -45,8 +45,11 @@ class EpochPlan:
         """Within-block order of block ``j``: stream offset of each plan offset."""
         if self._perm_cache[0] != j:
             length = min(self.block, self.total - j * self.block)
-            perm = (np.random.default_rng(_seed(self.seed, self.epoch, j)).permutation(length)
-                    if self.block > 1 else np.arange(length))
+            perm = (
+                np.random.default_rng(_seed(self.seed, self.epoch, j)).permutation(length)
+                if self.block > 1
+                else np.arange(length)
+            )
             self._perm_cache = (j, perm)
         return self._perm_cache[1]
 
@@ -55,7 +58,9 @@ class EpochPlan:
         out = []
         for j in range(a // self.block, (b - 1) // self.block + 1):
             lo, hi = max(a, j * self.block), min(b, (j + 1) * self.block)
-            out.append(j * self.block + self.block_perm(j)[lo - j * self.block:hi - j * self.block])
+            out.append(
+                j * self.block + self.block_perm(j)[lo - j * self.block : hi - j * self.block]
+            )
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
     def locate(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -148,7 +153,7 @@ class Split:
         """Plan ranges of one worker on one rank, after its first ``skip`` batches."""
         sizes = self.worker_batches()
         first = rank * self.batches + sum(sizes[:worker]) + skip
-        last = rank * self.batches + sum(sizes[:worker + 1])
+        last = rank * self.batches + sum(sizes[: worker + 1])
         return self._plan_ranges(first * self.batch_size, last * self.batch_size)
 
     def remaining(self, consumed: int) -> list[tuple[int, int]]:

@@ -100,8 +100,15 @@ def open_shard(url: str, storage_options: dict | None = None, size: int | None =
     if not storage.is_local(url):
         # "readahead": one ranged GET per ~9 MiB rather than one per read() call
         extra = {"size": size} if size else {}
-        f = storage.open_url(url, "rb", storage_options, retries=0, block_size=8 << 20,
-                             cache_type="readahead", **extra)
+        f = storage.open_url(
+            url,
+            "rb",
+            storage_options,
+            retries=0,
+            block_size=8 << 20,
+            cache_type="readahead",
+            **extra,
+        )
         return io.BufferedReader(ReadAhead(f), buffer_size=READ_CHUNK)
     return storage.open_url(url, "rb", storage_options, retries=0)
 
@@ -167,9 +174,15 @@ def _why(e: BaseException) -> str:
 class ShardReader:
     """Samples by (shard, index) from a manifest's shards, with retries and bad-item markers."""
 
-    def __init__(self, urls: list[str], counts: list[int], storage_options: dict | None = None,
-                 retries: int = storage.DEFAULT_RETRIES, backoff: float = storage.DEFAULT_BACKOFF,
-                 sizes: list[int] | None = None):
+    def __init__(
+        self,
+        urls: list[str],
+        counts: list[int],
+        storage_options: dict | None = None,
+        retries: int = storage.DEFAULT_RETRIES,
+        backoff: float = storage.DEFAULT_BACKOFF,
+        sizes: list[int] | None = None,
+    ):
         self.urls, self.counts, self.sizes = urls, counts, sizes
         self.storage_options, self.retries, self.backoff = storage_options, retries, backoff
         self._shard, self._stream, self._it, self._next = -1, None, None, 0
@@ -217,9 +230,14 @@ class ShardReader:
                     continue
                 if storage.is_transient(e) and attempt < self.retries:
                     delay = min(self.backoff * 2**attempt, storage.MAX_BACKOFF)
-                    log.warning("%s: transient read error (%s), reopening at sample %d "
-                                "(retry %d/%d)", url, type(e).__name__, indices[i], attempt + 1,
-                                self.retries)
+                    log.warning(
+                        "%s: transient read error (%s), reopening at sample %d (retry %d/%d)",
+                        url,
+                        type(e).__name__,
+                        indices[i],
+                        attempt + 1,
+                        self.retries,
+                    )
                     time.sleep(delay)
                     attempt += 1
                     continue
@@ -229,17 +247,19 @@ class ShardReader:
                     # would train on repeats. Stop, naming the shard and the endpoint.
                     raise storage.StorageError(
                         f"{url}: storage unreachable at {storage.endpoint_of(url)} after "
-                        f"{attempt + 1} attempt(s) ({_why(e)})") from e
+                        f"{attempt + 1} attempt(s) ({_why(e)})"
+                    ) from e
                 transient = isinstance(e, storage.StorageError)
                 reason = "unreadable_shard" if transient else "truncated_shard"
                 failure = (reason, _why(e))
             else:
                 if sample is None:
-                    failure = ("truncated_shard", f"ended after {self._next} samples, "
-                               f"manifest says {self.counts[shard]}")
+                    failure = (
+                        "truncated_shard",
+                        f"ended after {self._next} samples, manifest says {self.counts[shard]}",
+                    )
             if failure is not None:
-                log.warning("%s: %s; %d wanted samples skipped", url, failure[1],
-                            len(indices) - i)
+                log.warning("%s: %s; %d wanted samples skipped", url, failure[1], len(indices) - i)
                 self.close()
                 for _ in indices[i:]:
                     yield {"bad": failure[0], "detail": failure[1], "key": "", "url": url}

@@ -23,11 +23,23 @@ from pipeline.data.config import IngestConfig
 from pipeline.data.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
-                         "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 _DEBIAN_DIR = "usr/share/datasets/fashion-mnist"
-_FMNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_FMNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 # ---------------------------------------------------------------------------- Fashion-MNIST
@@ -41,16 +53,24 @@ def find_fashion_mnist(path: str = "") -> Path:
     """
     repo = Path(__file__).resolve().parents[2]
     env = os.environ.get("PIPELINE_FASHION_MNIST_DIR")  # the local stack sets it for Ray jobs
-    candidates = [Path(path)] if path else [
-        *([Path(env)] if env else []),
-        Path("/") / _DEBIAN_DIR, repo / ".cache/debs/fashion-mnist" / _DEBIAN_DIR,
-        Path.cwd() / ".cache/debs/fashion-mnist" / _DEBIAN_DIR]
+    candidates = (
+        [Path(path)]
+        if path
+        else [
+            *([Path(env)] if env else []),
+            Path("/") / _DEBIAN_DIR,
+            repo / ".cache/debs/fashion-mnist" / _DEBIAN_DIR,
+            Path.cwd() / ".cache/debs/fashion-mnist" / _DEBIAN_DIR,
+        ]
+    )
     for c in candidates:
         if _idx_file(c, _FMNIST_FILES["train"][0]) is not None:
             return c
     tried = ", ".join(str(c) for c in candidates)
-    raise DataError(f"Fashion-MNIST idx files not found (tried {tried}); install the "
-                    "dataset-fashion-mnist package or set source_path")
+    raise DataError(
+        f"Fashion-MNIST idx files not found (tried {tried}); install the "
+        "dataset-fashion-mnist package or set source_path"
+    )
 
 
 def _idx_file(folder: Path, stem: str) -> Path | None:
@@ -68,11 +88,11 @@ def read_idx(path: str | Path) -> np.ndarray:
     """An idx file (optionally gzipped) as a uint8 array: images (N, H, W), labels (N,)."""
     with _open_idx(Path(path)) as f:
         data = f.read()
-    magic, = struct.unpack(">I", data[:4])
+    (magic,) = struct.unpack(">I", data[:4])
     ndim = magic & 0xFF
     if magic >> 8 != 0x08 or ndim not in (1, 3):  # 0x08: unsigned byte
         raise DataError(f"{path}: not a uint8 idx file (magic {magic:#x})")
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -156,9 +176,12 @@ class ImageFolder(_Listed):
         self.root = Path(config.source_path)
         if not self.root.is_dir():
             raise DataError(f"{self.root}: not a folder")
-        names = [str(Path(d, f).relative_to(self.root).as_posix())
-                 for d, _, files in os.walk(self.root) for f in files
-                 if f.lower().endswith(IMAGE_EXTENSIONS)]
+        names = [
+            str(Path(d, f).relative_to(self.root).as_posix())
+            for d, _, files in os.walk(self.root)
+            for f in files
+            if f.lower().endswith(IMAGE_EXTENSIONS)
+        ]
         super().__init__(names, config)
 
     def read(self, name: str) -> bytes:
@@ -234,12 +257,13 @@ def synthetic_image(index: int, size: int, mode: str, seed: int) -> tuple[Image.
     r = rng.uniform(0.12, 0.28)
     dx, dy = xx - cx, yy - cy
     dist = np.hypot(dx, dy)
-    mask = [dist < r,
-            np.abs(dist - 0.75 * r) < 0.25 * r,
-            np.maximum(np.abs(dx), np.abs(dy)) < 0.8 * r,
-            (dy > -r) & (dy < r) & (np.abs(dx) < (dy + r) / 2),
-            ((np.abs(dx) < r / 3) & (np.abs(dy) < r)) | ((np.abs(dy) < r / 3) & (np.abs(dx) < r))
-            ][label]
+    mask = [
+        dist < r,
+        np.abs(dist - 0.75 * r) < 0.25 * r,
+        np.maximum(np.abs(dx), np.abs(dy)) < 0.8 * r,
+        (dy > -r) & (dy < r) & (np.abs(dx) < (dy + r) / 2),
+        ((np.abs(dx) < r / 3) & (np.abs(dy) < r)) | ((np.abs(dy) < r / 3) & (np.abs(dx) < r)),
+    ][label]
     fg = rng.uniform(0.6, 1.0, channels)
     image = np.where(mask[..., None], fg, image)
     pixels = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)

@@ -53,8 +53,9 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(os.environ.get(name, default))
     except ValueError:
-        raise ConfigError(name, f"environment variable must be an integer, got "
-                          f"{os.environ[name]!r}") from None
+        raise ConfigError(
+            name, f"environment variable must be an integer, got {os.environ[name]!r}"
+        ) from None
 
 
 class ShardStream(IterableDataset):
@@ -75,9 +76,16 @@ class ShardStream(IterableDataset):
         num_workers: DataLoader workers, default ``config.num_workers``.
     """
 
-    def __init__(self, config: StreamConfig, rank: int | None = None,
-                 world_size: int | None = None, batch_size: int = 64, split: str = "train",
-                 shuffle: bool | None = None, num_workers: int | None = None):
+    def __init__(
+        self,
+        config: StreamConfig,
+        rank: int | None = None,
+        world_size: int | None = None,
+        batch_size: int = 64,
+        split: str = "train",
+        shuffle: bool | None = None,
+        num_workers: int | None = None,
+    ):
         super().__init__()
         self.config = config
         self.rank = _env_int("RANK", 0) if rank is None else rank
@@ -94,8 +102,9 @@ class ShardStream(IterableDataset):
         self.batch_size, self.split = batch_size, split
         self.shuffle = split == "train" if shuffle is None else shuffle
         self.num_workers = config.num_workers if num_workers is None else num_workers
-        self.manifest: Manifest = read_manifest(url, config.storage_options, config.retries,
-                                                config.retry_backoff)
+        self.manifest: Manifest = read_manifest(
+            url, config.storage_options, config.retries, config.retry_backoff
+        )
         self._setup_decoding()
         self._start_epoch(0)
 
@@ -104,8 +113,9 @@ class ShardStream(IterableDataset):
         size = config.image_size
         self.image_hw = (size, size) if size else (stats.get("height", 0), stats.get("width", 0))
         if not all(self.image_hw):
-            raise ConfigError("image_size", f"{self.manifest.url} holds images of mixed sizes; "
-                              "set image_size")
+            raise ConfigError(
+                "image_size", f"{self.manifest.url} holds images of mixed sizes; set image_size"
+            )
         self.channels = config.channels or stats.get("channels") or 3
         mean, std = stats.get("mean") or [0.5], stats.get("std") or [0.5]
         if len(mean) != self.channels:  # e.g. RGB stats for a grayscale stream
@@ -138,10 +148,16 @@ class ShardStream(IterableDataset):
 
     def _split(self, layout: tuple[int, int, int] | None = None) -> Split:
         segments = self._segments if self._segments is not None else [(0, self.manifest.count)]
-        world_size, workers, batch_size = layout or self._layout or self._current_layout(
-            self.num_workers)
-        return Split(tuple(map(tuple, segments)), world_size, workers, batch_size,
-                     pad=self.config.remainder == "pad")
+        world_size, workers, batch_size = (
+            layout or self._layout or self._current_layout(self.num_workers)
+        )
+        return Split(
+            tuple(map(tuple, segments)),
+            world_size,
+            workers,
+            batch_size,
+            pad=self.config.remainder == "pad",
+        )
 
     def _begin(self, num_workers: int) -> None:
         """Fix this pass's layout in the main process, before workers copy the stream."""
@@ -151,9 +167,14 @@ class ShardStream(IterableDataset):
         if self._layout is not None and self._layout != layout:
             self._segments = self._split().remaining(self._batches)
             self._batches = 0
-            log.info("rank %d: re-split the rest of epoch %d (%d samples) from layout %s to %s",
-                     self.rank, self.epoch, sum(b - a for a, b in self._segments), self._layout,
-                     layout)
+            log.info(
+                "rank %d: re-split the rest of epoch %d (%d samples) from layout %s to %s",
+                self.rank,
+                self.epoch,
+                sum(b - a for a, b in self._segments),
+                self._layout,
+                layout,
+            )
         self._layout, self._pass_start = layout, self._batches
         self._started, self._restored = True, False
 
@@ -170,13 +191,22 @@ class ShardStream(IterableDataset):
                 instead of starting from zero. None: this rank's only.
         """
         world_size, workers, batch_size = self._layout or (0, 0, 0)
-        return {"version": STATE_VERSION, "epoch": self.epoch, "batches": self._batches,
-                "seed": self.config.seed, "num_samples": self.manifest.count,
-                "shuffle": self.shuffle, "shuffle_buffer": self.config.shuffle_buffer,
-                "world_size": world_size, "num_workers": workers, "batch_size": batch_size,
-                "segments": None if self._segments is None else [list(s) for s in self._segments],
-                "bad_by_rank": [dict(c) for c in bad_by_rank] if bad_by_rank is not None
-                else [dict(self._bad)]}
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "batches": self._batches,
+            "seed": self.config.seed,
+            "num_samples": self.manifest.count,
+            "shuffle": self.shuffle,
+            "shuffle_buffer": self.config.shuffle_buffer,
+            "world_size": world_size,
+            "num_workers": workers,
+            "batch_size": batch_size,
+            "segments": None if self._segments is None else [list(s) for s in self._segments],
+            "bad_by_rank": [dict(c) for c in bad_by_rank]
+            if bad_by_rank is not None
+            else [dict(self._bad)],
+        }
 
     def bad_counts(self) -> dict[str, int]:
         """This rank's bad samples per reason in the current epoch (the budget's count)."""
@@ -190,17 +220,26 @@ class ShardStream(IterableDataset):
         """
         if state.get("version") != STATE_VERSION:
             raise DataError(f"stream state version {state.get('version')!r} != {STATE_VERSION}")
-        mine = {"seed": self.config.seed, "num_samples": self.manifest.count,
-                "shuffle": self.shuffle, "shuffle_buffer": self.config.shuffle_buffer}
+        mine = {
+            "seed": self.config.seed,
+            "num_samples": self.manifest.count,
+            "shuffle": self.shuffle,
+            "shuffle_buffer": self.config.shuffle_buffer,
+        }
         for key, value in mine.items():
             if state.get(key) != value:
-                raise DataError(f"stream state does not match {self.manifest.url}: {key} "
-                                f"{state.get(key)!r} != {value!r}")
+                raise DataError(
+                    f"stream state does not match {self.manifest.url}: {key} "
+                    f"{state.get(key)!r} != {value!r}"
+                )
         self._start_epoch(int(state["epoch"]))
         self._restored = True
         if state["world_size"]:
-            self._layout = (int(state["world_size"]), int(state["num_workers"]),
-                            int(state["batch_size"]))
+            self._layout = (
+                int(state["world_size"]),
+                int(state["num_workers"]),
+                int(state["batch_size"]),
+            )
             self._batches, self._started = int(state["batches"]), True
         if state.get("segments") is not None:
             self._segments = [(int(a), int(b)) for a, b in state["segments"]]
@@ -213,11 +252,19 @@ class ShardStream(IterableDataset):
     def stats(self) -> dict:
         """This rank's counters for the current epoch (remainder counts are global)."""
         split = self._split()
-        return {"epoch": self.epoch, "rank": self.rank, "world_size": self.world_size,
-                "batches": self._batches, "batches_per_epoch": split.batches,
-                "samples": self._batches * self.batch_size, "dataset_samples": self.manifest.count,
-                "dropped": split.dropped, "padded": split.padded,
-                "bad_samples": sum(self._bad.values()), "bad_reasons": dict(self._bad)}
+        return {
+            "epoch": self.epoch,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "batches": self._batches,
+            "batches_per_epoch": split.batches,
+            "samples": self._batches * self.batch_size,
+            "dataset_samples": self.manifest.count,
+            "dropped": split.dropped,
+            "padded": split.padded,
+            "bad_samples": sum(self._bad.values()),
+            "bad_reasons": dict(self._bad),
+        }
 
     def _record(self, batch: dict) -> None:
         """Count one batch handed to the caller; enforce the bad-sample budget."""
@@ -227,15 +274,21 @@ class ShardStream(IterableDataset):
             self._last_bad = bad
             total = sum(self._bad.values())
             if total <= 10 or total % 100 == 0:
-                log.warning("rank %d: skipped bad sample %s (%s; %d so far this epoch)",
-                            self.rank, bad["key"] or "?", bad["detail"], total)
+                log.warning(
+                    "rank %d: skipped bad sample %s (%s; %d so far this epoch)",
+                    self.rank,
+                    bad["key"] or "?",
+                    bad["detail"],
+                    total,
+                )
         total = sum(self._bad.values())
         if total > self.config.max_bad_samples:
             last = self._last_bad
             raise BadDataError(
                 f"rank {self.rank}: {total} bad samples in epoch {self.epoch} exceed "
                 f"max_bad_samples={self.config.max_bad_samples}; last: {last['bad']} in "
-                f"{last['url']} ({last['detail']})")
+                f"{last['url']} ({last['detail']})"
+            )
 
     # ------------------------------------------------------------------ reading
 
@@ -248,8 +301,10 @@ class ShardStream(IterableDataset):
                 yield batch
             return
         if self._layout is None or self._layout[1] != info.num_workers:
-            raise DataError("iterate a ShardStream through make_loader(), which fixes the "
-                            "worker layout and counts batches in the main process")
+            raise DataError(
+                "iterate a ShardStream through make_loader(), which fixes the "
+                "worker layout and counts batches in the main process"
+            )
         for batch in self._produce(info.id):
             # label/pad cross to the main process inside the pickled batch: every tensor
             # costs a shared-memory segment plus an fd handshake the main process waits on
@@ -262,16 +317,29 @@ class ShardStream(IterableDataset):
         role = (worker + turn) % split.num_workers  # a resumed pass starts at the next turn
         work = split.work(self.rank, role, taken[role])
         counts = [s.samples for s in self.manifest.shards]
-        plan = EpochPlan(counts, self.config.seed, self.epoch, self.config.shuffle_buffer,
-                         self.shuffle)
+        plan = EpochPlan(
+            counts, self.config.seed, self.epoch, self.config.shuffle_buffer, self.shuffle
+        )
         c = self.config
-        reader = ShardReader([self.manifest.shard_url(i) for i in range(len(counts))], counts,
-                             c.storage_options, c.retries, c.retry_backoff,
-                             sizes=[s.bytes for s in self.manifest.shards])
+        reader = ShardReader(
+            [self.manifest.shard_url(i) for i in range(len(counts))],
+            counts,
+            c.storage_options,
+            c.retries,
+            c.retry_backoff,
+            sizes=[s.bytes for s in self.manifest.shards],
+        )
         stages = [
-            stage(decode, size=self.image_hw, channels=self.channels,
-                  resize=bool(c.image_size), crop=c.crop, max_pixels=c.max_pixels,
-                  seed=c.seed, epoch=self.epoch),
+            stage(
+                decode,
+                size=self.image_hw,
+                channels=self.channels,
+                resize=bool(c.image_size),
+                crop=c.crop,
+                max_pixels=c.max_pixels,
+                seed=c.seed,
+                epoch=self.epoch,
+            ),
             stage(batched, batch_size=self.batch_size),
             stage(fill_bad, shape=(self.channels, *self.image_hw)),
             stage(collate, mean=self.mean, std=self.std, scale=c.normalize),
@@ -282,8 +350,9 @@ class ShardStream(IterableDataset):
             reader.close()
 
     @staticmethod
-    def _raw(plan: EpochPlan, work: list[tuple[int, int, bool]],
-             reader: ShardReader) -> Iterator[dict]:
+    def _raw(
+        plan: EpochPlan, work: list[tuple[int, int, bool]], reader: ShardReader
+    ) -> Iterator[dict]:
         """Raw samples of plan ranges, in plan order, one per position (bad ones marked)."""
         step = plan.block * max(1, _CHUNK // plan.block)  # whole shuffle blocks per fetch
         for a, b, pad in work:
@@ -297,8 +366,9 @@ class ShardStream(IterableDataset):
                 start = 0
                 for end in [*np.flatnonzero(np.diff(shards)) + 1, len(shards)]:
                     wanted = indices[start:end].tolist()
-                    for qi, sample in zip(sorted_q[start:end].tolist(),
-                                          reader.read(int(shards[start]), wanted)):
+                    for qi, sample in zip(
+                        sorted_q[start:end].tolist(), reader.read(int(shards[start]), wanted)
+                    ):
                         fetched[qi] = sample
                     start = end
                 for pos, qi in zip(range(lo, hi), q.tolist()):
@@ -316,8 +386,13 @@ class StreamLoader:
     def __init__(self, stream: ShardStream, num_workers: int, **loader_kwargs):
         self.stream, self.num_workers = stream, num_workers
         stream.num_workers = num_workers
-        self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
-                                 persistent_workers=False, **loader_kwargs)
+        self.loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=num_workers,
+            persistent_workers=False,
+            **loader_kwargs,
+        )
 
     def __iter__(self) -> Iterator[dict]:
         if self.num_workers == 0:  # the stream counts in-process itself
@@ -364,8 +439,12 @@ def as_is(batch: dict) -> dict:
     return batch
 
 
-def make_loader(stream: ShardStream, num_workers: int | None = None,
-                pin_memory: bool = False, prefetch_factor: int | None = 2) -> StreamLoader:
+def make_loader(
+    stream: ShardStream,
+    num_workers: int | None = None,
+    pin_memory: bool = False,
+    prefetch_factor: int | None = 2,
+) -> StreamLoader:
     """The DataLoader for ``stream`` (``num_workers`` default: the stream's).
 
     Iterate it for batches; ``set_epoch``, ``state_dict``, ``load_state_dict`` and ``stats``
@@ -376,7 +455,10 @@ def make_loader(stream: ShardStream, num_workers: int | None = None,
     workers = stream.num_workers if num_workers is None else num_workers
     kwargs = {}
     if workers > 0:
-        kwargs = {"prefetch_factor": prefetch_factor, "collate_fn": as_is,
-                  "multiprocessing_context": storage.process_context(WORKER_PRELOAD),
-                  "worker_init_fn": partial(worker_init, dict(os.environ))}
+        kwargs = {
+            "prefetch_factor": prefetch_factor,
+            "collate_fn": as_is,
+            "multiprocessing_context": storage.process_context(WORKER_PRELOAD),
+            "worker_init_fn": partial(worker_init, dict(os.environ)),
+        }
     return StreamLoader(stream, workers, pin_memory=pin_memory, **kwargs)

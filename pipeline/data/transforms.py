@@ -42,8 +42,15 @@ def stage(fn: Callable, **options: Any) -> Callable[[Iterable], Iterator]:
     return partial(fn, **options)
 
 
-def decode_image(data: bytes, size: tuple[int, int], channels: int, resize: bool, crop: str,
-                 max_pixels: int, rng: np.random.Generator | None = None) -> np.ndarray:
+def decode_image(
+    data: bytes,
+    size: tuple[int, int],
+    channels: int,
+    resize: bool,
+    crop: str,
+    max_pixels: int,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
     """Image bytes -> uint8 array ``(C, H, W)`` with ``(H, W) == size``.
 
     Raises:
@@ -78,8 +85,9 @@ def decode_image(data: bytes, size: tuple[int, int], channels: int, resize: bool
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 
-def _resize(image: Image.Image, width: int, height: int, crop: str,
-            rng: np.random.Generator | None) -> Image.Image:
+def _resize(
+    image: Image.Image, width: int, height: int, crop: str, rng: np.random.Generator | None
+) -> Image.Image:
     if crop == "none":
         return image.resize((width, height), Image.Resampling.BILINEAR)
     w, h = image.size
@@ -93,8 +101,17 @@ def _resize(image: Image.Image, width: int, height: int, crop: str,
     return image.crop((left, top, left + width, top + height))
 
 
-def decode(items: Iterable[dict], *, size: tuple[int, int], channels: int, resize: bool,
-           crop: str, max_pixels: int, seed: int = 0, epoch: int = 0) -> Iterator[dict]:
+def decode(
+    items: Iterable[dict],
+    *,
+    size: tuple[int, int],
+    channels: int,
+    resize: bool,
+    crop: str,
+    max_pixels: int,
+    seed: int = 0,
+    epoch: int = 0,
+) -> Iterator[dict]:
     """Raw samples ``{__key__, __url__, png|jpg, cls, __pos__, __pad__}`` -> decoded items.
 
     Yields ``{"image": uint8 (C, H, W), "label", "key", "pad"}`` or, for a bad sample,
@@ -159,8 +176,13 @@ def fill_bad(batches: Iterable[list[dict]], *, shape: tuple[int, int, int]) -> I
         yield {"items": out, "skipped": skipped}
 
 
-def collate(batches: Iterable[dict], *, mean: list[float] | None = None,
-            std: list[float] | None = None, scale: str = "unit") -> Iterator[dict]:
+def collate(
+    batches: Iterable[dict],
+    *,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    scale: str = "unit",
+) -> Iterator[dict]:
     """:func:`fill_bad` batches -> ``{"image": float (B, C, H, W), "label": int64 (B,),
     "key": list[str], "pad": bool (B,), "skipped": list[dict]}``.
 
@@ -175,8 +197,10 @@ def collate(batches: Iterable[dict], *, mean: list[float] | None = None,
             m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
             s = torch.tensor(std, dtype=torch.float32).clamp_min(1e-6).view(1, -1, 1, 1)
             images = images.sub_(m).div_(s)
-        yield {"image": images,
-               "label": torch.tensor([x["label"] for x in batch], dtype=torch.int64),
-               "key": [x["key"] for x in batch],
-               "pad": torch.tensor([bool(x["pad"]) for x in batch]),
-               "skipped": filled["skipped"]}
+        yield {
+            "image": images,
+            "label": torch.tensor([x["label"] for x in batch], dtype=torch.int64),
+            "key": [x["key"] for x in batch],
+            "pad": torch.tensor([bool(x["pad"]) for x in batch]),
+            "skipped": filled["skipped"],
+        }

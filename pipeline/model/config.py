@@ -175,8 +175,13 @@ def _positive_int(name: str, v: Any) -> None:
 PRESETS: dict[str, dict[str, Any]] = {
     # 28 = 4 * 7: only two stride-2 stages fit.
     "mnist28": dict(
-        image_size=28, in_channels=1, channels=[32, 64], blocks_per_stage=1,
-        latent="flat", latent_dim=32, likelihood="bernoulli",
+        image_size=28,
+        in_channels=1,
+        channels=[32, 64],
+        blocks_per_stage=1,
+        latent="flat",
+        latent_dim=32,
+        likelihood="bernoulli",
     ),
     # The published MLP baseline (VampPrior / Exemplar VAE "VAE"): 784-300-300-40, with their
     # Hardtanh(-6, 2) on the posterior log-variance and [1/512, 1 - 1/512] clamp of the pixel
@@ -184,23 +189,44 @@ PRESETS: dict[str, dict[str, Any]] = {
     # test #9596, 85% bright pixels) drove logvar to 20 and its KL to 1e8 nats, and with the
     # variance bounded still cost ~9,300 nats (a tenth of the whole test NLL's mean).
     "mnist28_mlp": dict(
-        arch="mlp", hidden=[300, 300], image_size=28, in_channels=1,
-        latent="flat", latent_dim=40, likelihood="bernoulli", logvar_clamp=[-6.0, 2.0],
+        arch="mlp",
+        hidden=[300, 300],
+        image_size=28,
+        in_channels=1,
+        latent="flat",
+        latent_dim=40,
+        likelihood="bernoulli",
+        logvar_clamp=[-6.0, 2.0],
         max_logit=math.log(511),
     ),
     "cifar32": dict(
-        image_size=32, in_channels=3, channels=[64, 128, 256], blocks_per_stage=2,
-        latent="spatial", latent_channels=16, likelihood="discretized_logistic",
+        image_size=32,
+        in_channels=3,
+        channels=[64, 128, 256],
+        blocks_per_stage=2,
+        latent="spatial",
+        latent_channels=16,
+        likelihood="discretized_logistic",
     ),
     "64": dict(
-        image_size=64, in_channels=3, channels=[64, 128, 256, 256], blocks_per_stage=2,
-        latent="spatial", latent_channels=16, likelihood="discretized_logistic",
+        image_size=64,
+        in_channels=3,
+        channels=[64, 128, 256, 256],
+        blocks_per_stage=2,
+        latent="spatial",
+        latent_channels=16,
+        likelihood="discretized_logistic",
     ),
     "256": dict(
-        image_size=256, in_channels=3, channels=[64, 128, 256, 256, 512], blocks_per_stage=2,
-        latent="spatial", latent_channels=16, likelihood="discretized_logistic",
+        image_size=256,
+        in_channels=3,
+        channels=[64, 128, 256, 256, 512],
+        blocks_per_stage=2,
+        latent="spatial",
+        latent_channels=16,
+        likelihood="discretized_logistic",
     ),
-}  # fmt: skip
+}
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:

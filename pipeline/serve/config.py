@@ -41,7 +41,9 @@ class SampleConfig(Checked):
         if not self.output_url:
             raise ConfigError("output_url", "must be a URL or path for the gallery")
         if not self.temperatures or any(t <= 0 for t in self.temperatures):
-            raise ConfigError("temperatures", f"must be a non-empty list of numbers > 0, got {self.temperatures}")
+            raise ConfigError(
+                "temperatures", f"must be a non-empty list of numbers > 0, got {self.temperatures}"
+            )
 
 
 @dataclass

@@ -24,7 +24,9 @@ def main(args) -> int:
     size = m.model_config["image_size"]
     channels = m.model_config["in_channels"]
     batches = []
-    for i, x in enumerate(iter_images(args.data, args.batch_size, image_size=size, channels=channels)):
+    for i, x in enumerate(
+        iter_images(args.data, args.batch_size, image_size=size, channels=channels)
+    ):
         if args.batches and i >= args.batches:
             break
         batches.append(x)

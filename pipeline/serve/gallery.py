@@ -38,7 +38,9 @@ def config_hash(s: SampleConfig) -> str:
 
 
 @torch.no_grad()
-def make_gallery(m: LoadedModel, s: SampleConfig, held_out: torch.Tensor | None) -> dict[str, bytes]:
+def make_gallery(
+    m: LoadedModel, s: SampleConfig, held_out: torch.Tensor | None
+) -> dict[str, bytes]:
     """All grids as PNG bytes, keyed by file name. Deterministic for a given seed."""
     vae, n = m.vae, s.grid_rows * s.grid_cols
     g = torch.Generator().manual_seed(s.seed)
@@ -74,15 +76,20 @@ def make_gallery(m: LoadedModel, s: SampleConfig, held_out: torch.Tensor | None)
 
 
 def index_html(m: LoadedModel, files: list[str], s: SampleConfig) -> bytes:
-    rows = "".join(f'<h2>{html.escape(f)}</h2><p><img src="{html.escape(f)}" alt="{html.escape(f)}"></p>\n'
-                   for f in files)
-    metrics = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.6g}</td></tr>"
-                      for k, v in sorted(m.metrics.items()))
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(m.name)} "
-            f"v{html.escape(m.version)}</title></head><body><h1>{html.escape(m.name)} version "
-            f"{html.escape(m.version)}</h1><p>training run: {html.escape(m.train_run_id)}</p>"
-            f"<p>seed {s.seed}, temperatures {s.temperatures}</p><table>{metrics}</table>\n"
-            f"{rows}</body></html>\n").encode()
+    rows = "".join(
+        f'<h2>{html.escape(f)}</h2><p><img src="{html.escape(f)}" alt="{html.escape(f)}"></p>\n'
+        for f in files
+    )
+    metrics = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{v:.6g}</td></tr>" for k, v in sorted(m.metrics.items())
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(m.name)} "
+        f"v{html.escape(m.version)}</title></head><body><h1>{html.escape(m.name)} version "
+        f"{html.escape(m.version)}</h1><p>training run: {html.escape(m.train_run_id)}</p>"
+        f"<p>seed {s.seed}, temperatures {s.temperatures}</p><table>{metrics}</table>\n"
+        f"{rows}</body></html>\n"
+    ).encode()
 
 
 def _held_out(s: SampleConfig, model_config: dict) -> torch.Tensor | None:
@@ -97,13 +104,17 @@ def _held_out(s: SampleConfig, model_config: dict) -> torch.Tensor | None:
 def run_sample(job: SampleJob, if_new_version: bool = False) -> str | None:
     """Write the gallery for the configured model; return its URL (None if nothing to do)."""
     s = job.sample
-    ref = ModelRef(s.model_name, s.model_alias, s.model_version, s.checkpoint_url,
-                   job.tracking.mlflow_uri)
+    ref = ModelRef(
+        s.model_name, s.model_alias, s.model_version, s.checkpoint_url, job.tracking.mlflow_uri
+    )
     version, mv = resolve(ref)
     base = storage.join(s.output_url, s.model_name, f"v{version}")
-    if if_new_version and any(storage.exists(storage.join(base, h, MARKER))
-                              for h in storage.listdir(base)):
-        print(f"nothing to do: version {version} of {s.model_name!r} already has a gallery under {base}")
+    if if_new_version and any(
+        storage.exists(storage.join(base, h, MARKER)) for h in storage.listdir(base)
+    ):
+        print(
+            f"nothing to do: version {version} of {s.model_name!r} already has a gallery under {base}"
+        )
         return None
     url = storage.join(base, config_hash(s))
     if storage.exists(storage.join(url, MARKER)):
@@ -132,9 +143,15 @@ def run_sample(job: SampleJob, if_new_version: bool = False) -> str | None:
             raise
         first = first_line(e)
         raise PipelineError(f"gallery {url}: {type(e).__name__}: {first}") from e
-    marker = {"model": s.model_name, "version": version, "train_run_id": m.train_run_id,
-              "gallery_run_id": run_id, "files": sorted(files), "config": to_dict(s),
-              "seconds": round(time.perf_counter() - t0, 3)}
+    marker = {
+        "model": s.model_name,
+        "version": version,
+        "train_run_id": m.train_run_id,
+        "gallery_run_id": run_id,
+        "files": sorted(files),
+        "config": to_dict(s),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
     storage.put_atomic(storage.join(url, MARKER), json.dumps(marker, indent=1).encode())
     print(f"gallery written: {url}/index.html")
     return url
@@ -148,7 +165,9 @@ def _check_tracking(job: SampleJob) -> None:
     try:
         mlflow_client(uri).search_experiments(max_results=1)
     except Exception as e:
-        raise PipelineError(f"MLflow at {public_uri(uri)} unreachable ({type(e).__name__})") from None
+        raise PipelineError(
+            f"MLflow at {public_uri(uri)} unreachable ({type(e).__name__})"
+        ) from None
 
 
 def _log_mlflow(job: SampleJob, m: LoadedModel, files: dict[str, bytes], url: str) -> str:
@@ -158,10 +177,16 @@ def _log_mlflow(job: SampleJob, m: LoadedModel, files: dict[str, bytes], url: st
     mlflow.set_tracking_uri(job.tracking.mlflow_uri)
     exp = mlflow.set_experiment(job.tracking.experiment)
     client = MlflowClient(job.tracking.mlflow_uri)
-    run = client.create_run(exp.experiment_id, run_name=f"gallery-{m.name}-v{m.version}", tags={
-        "model_name": m.name, "model_version": m.version, "train_run_id": m.train_run_id,
-        "gallery_url": url,
-    })
+    run = client.create_run(
+        exp.experiment_id,
+        run_name=f"gallery-{m.name}-v{m.version}",
+        tags={
+            "model_name": m.name,
+            "model_version": m.version,
+            "train_run_id": m.train_run_id,
+            "gallery_url": url,
+        },
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in files.items():
             (Path(tmp) / name).write_bytes(data)

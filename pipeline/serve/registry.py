@@ -46,7 +46,11 @@ class ModelRef:
     def describe(self) -> str:
         if self.checkpoint_url:
             return self.checkpoint_url
-        return f"models:/{self.name}/{self.version}" if self.version else f"models:/{self.name}@{self.alias}"
+        return (
+            f"models:/{self.name}/{self.version}"
+            if self.version
+            else f"models:/{self.name}@{self.alias}"
+        )
 
 
 @dataclass
@@ -95,14 +99,23 @@ def resolve(ref: ModelRef):
     except MlflowException as e:
         text = str(e).lower()
         if "max retries exceeded" in text or "connection" in text or "timed out" in text:
-            raise PipelineError(f"MLflow at {ref.tracking_uri} unreachable (connection failed)") from None
-        if getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST" or "not found" in text \
-                or "does not exist" in text or "not exist" in text:
             raise PipelineError(
-                f"model {ref.name!r} {what} not found in the registry at {ref.tracking_uri}") from None
+                f"MLflow at {ref.tracking_uri} unreachable (connection failed)"
+            ) from None
+        if (
+            getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+            or "not found" in text
+            or "does not exist" in text
+            or "not exist" in text
+        ):
+            raise PipelineError(
+                f"model {ref.name!r} {what} not found in the registry at {ref.tracking_uri}"
+            ) from None
         raise PipelineError(f"MLflow at {ref.tracking_uri}: {first_line(e)}") from None
     except Exception as e:  # connection refused, timeout
-        raise PipelineError(f"MLflow at {ref.tracking_uri} unreachable ({type(e).__name__})") from None
+        raise PipelineError(
+            f"MLflow at {ref.tracking_uri} unreachable ({type(e).__name__})"
+        ) from None
     return str(mv.version), mv
 
 
@@ -119,11 +132,17 @@ def load(ref: ModelRef, version: str | None = None, mv=None) -> LoadedModel:
             cfg = (saved["state"].get("config") or {}).get("model")
             if not isinstance(cfg, dict):
                 raise checkpoint.CheckpointError(
-                    f"{ref.checkpoint_url}: state.json holds no model config (config.model)")
+                    f"{ref.checkpoint_url}: state.json holds no model config (config.model)"
+                )
             vae = build_model(cfg)
             vae.load_state_dict(saved["ema"] if saved["ema"] is not None else saved["model"])
-            return LoadedModel(vae.eval(), ref.name or "checkpoint", version,
-                               saved["state"].get("mlflow_run_id", ""), cfg)
+            return LoadedModel(
+                vae.eval(),
+                ref.name or "checkpoint",
+                version,
+                saved["state"].get("mlflow_run_id", ""),
+                cfg,
+            )
         import mlflow
 
         mlflow.set_tracking_uri(ref.tracking_uri)
@@ -133,13 +152,17 @@ def load(ref: ModelRef, version: str | None = None, mv=None) -> LoadedModel:
                 local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tmp))
         except Exception as e:  # MLflow or its artifact store down, artifacts deleted
             first = first_line(e)
-            raise PipelineError(f"{uri}: cannot download the model from {ref.tracking_uri} "
-                                f"({type(e).__name__}: {first})") from None
+            raise PipelineError(
+                f"{uri}: cannot download the model from {ref.tracking_uri} "
+                f"({type(e).__name__}: {first})"
+            ) from None
         config = next(local.rglob("config.json"), None)
         weights = next(local.rglob("weights.safetensors"), None)
         if config is None or weights is None:
-            raise PipelineError(f"{uri}: not a model of this pipeline (no config.json and "
-                                f"weights.safetensors among its artifacts)")
+            raise PipelineError(
+                f"{uri}: not a model of this pipeline (no config.json and "
+                f"weights.safetensors among its artifacts)"
+            )
         meta = json.loads(config.read_text())
         vae = build_model(meta["model"])
         vae.load_state_dict(load_weights(weights.read_bytes()))

@@ -107,27 +107,42 @@ def _services(state: Path, ports: StackPorts, creds: dict[str, str]) -> list[Ser
     """The stack's services in start order."""
     p = ports
     s3 = SeaweedFS(
-        state, p.s3,
+        state,
+        p.s3,
         access_key=creds.get("AWS_ACCESS_KEY_ID", ""),
         secret_key=creds.get("AWS_SECRET_ACCESS_KEY", ""),
-        ports={"master": p.weed_master, "master.grpc": p.weed_master_grpc,
-               "volume": p.weed_volume, "volume.grpc": p.weed_volume_grpc,
-               "filer": p.weed_filer, "filer.grpc": p.weed_filer_grpc, "s3.grpc": p.s3_grpc},
-    )  # fmt: skip
+        ports={
+            "master": p.weed_master,
+            "master.grpc": p.weed_master_grpc,
+            "volume": p.weed_volume,
+            "volume.grpc": p.weed_volume_grpc,
+            "filer": p.weed_filer,
+            "filer.grpc": p.weed_filer_grpc,
+            "s3.grpc": p.s3_grpc,
+        },
+    )
     mlflow = MlflowServer(state, p.mlflow, MLFLOW_ARTIFACTS, s3)
     ray = RayHead(
-        state, p.ray_gcs, p.ray_dashboard,
+        state,
+        p.ray_gcs,
+        p.ray_dashboard,
         num_cpus=max(4, os.cpu_count() or 1),  # 2 training workers + driver; oversubscribing is ok
         # the head's env reaches every worker and job driver: S3 + MLflow without runtime_env
-        env={**s3.env, "MLFLOW_TRACKING_URI": mlflow.uri,
-             "MLFLOW_S3_ENDPOINT_URL": s3.endpoint_url,
-             # jobs run from a copy of the working dir, which excludes .cache
-             "PIPELINE_FASHION_MNIST_DIR": str(REPO_ROOT / ".cache/debs/fashion-mnist"
-                                               / "usr/share/datasets/fashion-mnist")},
-        client_server_port=p.ray_client, dashboard_agent_port=p.ray_dashboard_agent,
+        env={
+            **s3.env,
+            "MLFLOW_TRACKING_URI": mlflow.uri,
+            "MLFLOW_S3_ENDPOINT_URL": s3.endpoint_url,
+            # jobs run from a copy of the working dir, which excludes .cache
+            "PIPELINE_FASHION_MNIST_DIR": str(
+                REPO_ROOT / ".cache/debs/fashion-mnist" / "usr/share/datasets/fashion-mnist"
+            ),
+        },
+        client_server_port=p.ray_client,
+        dashboard_agent_port=p.ray_dashboard_agent,
         metrics_ports=(p.ray_autoscaler_metrics, p.ray_dashboard_metrics),
-        worker_ports=(p.ray_worker_min, p.ray_worker_max), object_store_memory=2 * 2**30,
-    )  # fmt: skip
+        worker_ports=(p.ray_worker_min, p.ray_worker_max),
+        object_store_memory=2 * 2**30,
+    )
     prometheus = Prometheus(state, p.prometheus, ray_sd_file=ray.metrics_sd_file)
     return [s3, mlflow, ray, prometheus]
 
@@ -149,8 +164,11 @@ def client_env(state: Path, ports: StackPorts) -> dict[str, str]:
     }
 
 
-def up(state_dir: str | Path = DEFAULT_STATE_DIR, ports: StackPorts | None = None,
-       timeout: float | None = None) -> list[tuple[str, str, str]]:  # fmt: skip
+def up(
+    state_dir: str | Path = DEFAULT_STATE_DIR,
+    ports: StackPorts | None = None,
+    timeout: float | None = None,
+) -> list[tuple[str, str, str]]:
     """Start whatever is not running; create the buckets.
 
     Args:
@@ -163,8 +181,10 @@ def up(state_dir: str | Path = DEFAULT_STATE_DIR, ports: StackPorts | None = Non
     """
     state = Path(state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
-    if ports is not None and ports != _ports(state, None) and any(
-        svc.running() for svc in services(state)
+    if (
+        ports is not None
+        and ports != _ports(state, None)
+        and any(svc.running() for svc in services(state))
     ):
         raise PipelineError(f"the stack in {state} runs on other ports; `down` it first")
     ports = _ports(state, ports)

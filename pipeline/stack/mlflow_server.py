@@ -21,8 +21,13 @@ class MlflowServer(Service):
     name = "mlflow"
     start_timeout = 120.0
 
-    def __init__(self, state_dir, port: int | None = None, artifacts_destination: str = "",
-                 s3: SeaweedFS | None = None):  # fmt: skip
+    def __init__(
+        self,
+        state_dir,
+        port: int | None = None,
+        artifacts_destination: str = "",
+        s3: SeaweedFS | None = None,
+    ):
         super().__init__(state_dir)
         self.port = port or free_port()
         self.ports = (self.port,)
@@ -49,10 +54,20 @@ class MlflowServer(Service):
 
     def command(self) -> list:
         return [
-            venv_bin("mlflow"), "server", "--host", LOOPBACK, "--port", self.port,
-            "--workers", "1", "--backend-store-uri", f"sqlite:///{self.dir / 'mlflow.db'}",
-            "--serve-artifacts", "--artifacts-destination", self.artifacts_destination,
-        ]  # fmt: skip
+            venv_bin("mlflow"),
+            "server",
+            "--host",
+            LOOPBACK,
+            "--port",
+            self.port,
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.dir / 'mlflow.db'}",
+            "--serve-artifacts",
+            "--artifacts-destination",
+            self.artifacts_destination,
+        ]
 
     def healthy(self) -> bool:
         return http_ok(f"{self.uri}/health")

@@ -26,9 +26,16 @@ class Prometheus(Service):
 
     name = "prometheus"
 
-    def __init__(self, state_dir, port: int | None = None, targets_dir: str | Path | None = None,
-                 *, ray_sd_file: str | Path | None = None, scrape_interval: str = "5s",
-                 retention: str = "15d"):  # fmt: skip
+    def __init__(
+        self,
+        state_dir,
+        port: int | None = None,
+        targets_dir: str | Path | None = None,
+        *,
+        ray_sd_file: str | Path | None = None,
+        scrape_interval: str = "5s",
+        retention: str = "15d",
+    ):
         super().__init__(state_dir)
         self.port = port or free_port()
         self.ports = (self.port,)
@@ -43,19 +50,22 @@ class Prometheus(Service):
 
     def prepare(self) -> None:
         self.targets_dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "prometheus.yml").write_text(string.Template(
-            PROMETHEUS_TEMPLATE.read_text()).substitute(
-            scrape_interval=self.scrape_interval, targets_glob=self.targets_dir / "*.json",
-            ray_sd_file=self.ray_sd_file,
-        ))  # fmt: skip
+        (self.dir / "prometheus.yml").write_text(
+            string.Template(PROMETHEUS_TEMPLATE.read_text()).substitute(
+                scrape_interval=self.scrape_interval,
+                targets_glob=self.targets_dir / "*.json",
+                ray_sd_file=self.ray_sd_file,
+            )
+        )
 
     def command(self) -> list:
         return [
-            prometheus_bin(), f"--config.file={self.dir / 'prometheus.yml'}",
+            prometheus_bin(),
+            f"--config.file={self.dir / 'prometheus.yml'}",
             f"--web.listen-address={LOOPBACK}:{self.port}",
             f"--storage.tsdb.path={self.dir / 'data'}",
             f"--storage.tsdb.retention.time={self.retention}",
-        ]  # fmt: skip
+        ]
 
     def healthy(self) -> bool:
         return http_ok(f"{self.url}/-/ready")

@@ -24,9 +24,11 @@ MAX_TEMP_DIR = 45
 def make_temp_dir(temp_dir: Path) -> None:
     """Create a Ray node's temp dir, refusing one too long for Ray's unix socket paths."""
     if len(str(temp_dir)) > MAX_TEMP_DIR:
-        raise ServiceError(f"Ray temp dir {temp_dir} is too long for unix sockets "
-                           f"({len(str(temp_dir))} > {MAX_TEMP_DIR} characters); "
-                           "use a shorter state dir path")  # fmt: skip
+        raise ServiceError(
+            f"Ray temp dir {temp_dir} is too long for unix sockets "
+            f"({len(str(temp_dir))} > {MAX_TEMP_DIR} characters); "
+            "use a shorter state dir path"
+        )
     temp_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -55,21 +57,34 @@ class RayHead(Service):
     start_timeout = 120.0
     stop_timeout = 8.0
 
-    def __init__(self, state_dir, port: int | None = None, dashboard_port: int | None = None, *,
-                 num_cpus: int = 4, env: dict[str, str] | None = None,
-                 token_path: str | Path | None = None, client_server_port: int | None = None,
-                 dashboard_agent_port: int | None = None,
-                 metrics_ports: tuple[int, int] | None = None,
-                 object_store_memory: int | None = None,
-                 worker_ports: tuple[int, int] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        state_dir,
+        port: int | None = None,
+        dashboard_port: int | None = None,
+        *,
+        num_cpus: int = 4,
+        env: dict[str, str] | None = None,
+        token_path: str | Path | None = None,
+        client_server_port: int | None = None,
+        dashboard_agent_port: int | None = None,
+        metrics_ports: tuple[int, int] | None = None,
+        object_store_memory: int | None = None,
+        worker_ports: tuple[int, int] | None = None,
+    ):
         super().__init__(state_dir)
         self.port, self.dashboard_port = port or free_port(), dashboard_port or free_port()
         self.client_server_port = client_server_port or free_port()
         self.dashboard_agent_port = dashboard_agent_port or free_port()
         # autoscaler + dashboard metrics ports default to a fixed 44217/44227: heads would clash
         self.metrics_ports = metrics_ports or (free_port(), free_port())
-        self.ports = (self.port, self.dashboard_port, self.client_server_port,
-                      self.dashboard_agent_port, *self.metrics_ports)  # fmt: skip
+        self.ports = (
+            self.port,
+            self.dashboard_port,
+            self.client_server_port,
+            self.dashboard_agent_port,
+            *self.metrics_ports,
+        )
         self.num_cpus, self.extra_env = num_cpus, dict(env or {})
         self.token_path = Path(token_path or self.state_dir / "ray_auth_token").resolve()
         self.object_store_memory, self.worker_ports = object_store_memory, worker_ports
@@ -94,8 +109,11 @@ class RayHead(Service):
     @property
     def client_env(self) -> dict[str, str]:
         """Env a client process needs (``ray.init``, ``ray job``, JobSubmissionClient)."""
-        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path),
-                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # fmt: skip
+        return {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        }
 
     @property
     def headers(self) -> dict[str, str]:
@@ -119,18 +137,27 @@ class RayHead(Service):
 
     def command(self) -> list:
         cmd = [
-            venv_bin("ray"), "start", "--head", "--block", f"--node-ip-address={LOOPBACK}",
-            f"--port={self.port}", f"--dashboard-host={LOOPBACK}",
-            f"--dashboard-port={self.dashboard_port}", f"--num-cpus={self.num_cpus}",
-            f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+            venv_bin("ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--node-ip-address={LOOPBACK}",
+            f"--port={self.port}",
+            f"--dashboard-host={LOOPBACK}",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--num-cpus={self.num_cpus}",
+            f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
             f"--ray-client-server-port={self.client_server_port}",
             f"--dashboard-agent-listen-port={self.dashboard_agent_port}",
-        ]  # fmt: skip
+        ]
         if self.object_store_memory:
             cmd.append(f"--object-store-memory={self.object_store_memory}")
         if self.worker_ports:
-            cmd += [f"--min-worker-port={self.worker_ports[0]}",
-                    f"--max-worker-port={self.worker_ports[1]}"]  # fmt: skip
+            cmd += [
+                f"--min-worker-port={self.worker_ports[0]}",
+                f"--max-worker-port={self.worker_ports[1]}",
+            ]
         return cmd
 
     def healthy(self) -> bool:

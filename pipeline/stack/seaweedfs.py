@@ -29,9 +29,16 @@ class SeaweedFS(Service):
     stop_timeout = 2.0
     ROLES = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3.grpc")
 
-    def __init__(self, state_dir, s3_port: int | None = None, *, access_key: str,
-                 secret_key: str, ports: dict[str, int] | None = None,
-                 volume_size_limit_mb: int = 64):  # fmt: skip
+    def __init__(
+        self,
+        state_dir,
+        s3_port: int | None = None,
+        *,
+        access_key: str,
+        secret_key: str,
+        ports: dict[str, int] | None = None,
+        volume_size_limit_mb: int = 64,
+    ):
         super().__init__(state_dir)
         self.s3_port = s3_port or free_port()
         self.role_ports = {r: (ports or {}).get(r) or free_port() for r in self.ROLES}
@@ -49,32 +56,52 @@ class SeaweedFS(Service):
     @property
     def env(self) -> dict[str, str]:
         """What an S3 client (botocore, s3fs, Ray workers) needs."""
-        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-                "AWS_ENDPOINT_URL": self.endpoint_url, "AWS_REGION": "us-east-1",
-                "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_REGION": "us-east-1",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
 
     def prepare(self) -> None:
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
-        identity = {"name": "pipeline", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}]}  # fmt: skip
+        identity = {
+            "name": "pipeline",
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+        }
         write_private(self.dir / "s3.json", json.dumps({"identities": [identity]}))
 
     def command(self) -> list:
         p = self.role_ports
         return [
-            venv_bin("weed"), "server", f"-dir={self.dir / 'data'}",
-            f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}", "-master.telemetry=false",
-            f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
+            venv_bin("weed"),
+            "server",
+            f"-dir={self.dir / 'data'}",
+            f"-ip={LOOPBACK}",
+            f"-ip.bind={LOOPBACK}",
+            "-master.telemetry=false",
+            f"-master.port={p['master']}",
+            f"-master.port.grpc={p['master.grpc']}",
             f"-master.volumeSizeLimitMB={self.volume_size_limit_mb}",
-            f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
-            "-volume.max=0", "-volume.preStopSeconds=0",
-            "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
+            f"-volume.port={p['volume']}",
+            f"-volume.port.grpc={p['volume.grpc']}",
+            "-volume.max=0",
+            "-volume.preStopSeconds=0",
+            "-filer",
+            f"-filer.port={p['filer']}",
+            f"-filer.port.grpc={p['filer.grpc']}",
             "-filer.disableHttp",  # the filer's HTTP API would serve bucket files unsigned
             f"-filer.localSocket={self.dir / 'filer.sock'}",
-            "-s3", f"-s3.port={self.s3_port}", f"-s3.port.grpc={p['s3.grpc']}",
-            f"-s3.config={self.dir / 's3.json'}", "-s3.port.iceberg=0",
-            "-s3.port.lance=0", f"-s3.localSocket={self.dir / 's3.sock'}",
-        ]  # fmt: skip
+            "-s3",
+            f"-s3.port={self.s3_port}",
+            f"-s3.port.grpc={p['s3.grpc']}",
+            f"-s3.config={self.dir / 's3.json'}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.localSocket={self.dir / 's3.sock'}",
+        ]
 
     def client(self):
         """A botocore S3 client signed with this server's identity."""
@@ -82,10 +109,13 @@ class SeaweedFS(Service):
         from botocore.config import Config
 
         return botocore.session.get_session().create_client(
-            "s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
-            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
             config=Config(retries={"max_attempts": 2}, connect_timeout=3, read_timeout=10),
-        )  # fmt: skip
+        )
 
     def healthy(self) -> bool:
         try:
@@ -99,7 +129,10 @@ class SeaweedFS(Service):
         try:
             client.create_bucket(Bucket=name)
         except client.exceptions.ClientError as e:
-            if e.response["Error"]["Code"] not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+            if e.response["Error"]["Code"] not in (
+                "BucketAlreadyOwnedByYou",
+                "BucketAlreadyExists",
+            ):
                 raise
         return f"s3://{name}"
 
@@ -108,4 +141,6 @@ class SeaweedFS(Service):
         for arg in record.get("cmd", []):
             flag, _, port = arg.lstrip("-").partition("=")
             if flag.endswith(".port.grpc") and port.isdigit():
-                Path(f"/tmp/seaweedfs-{flag.split('.')[0]}-grpc-{port}.sock").unlink(missing_ok=True)
+                Path(f"/tmp/seaweedfs-{flag.split('.')[0]}-grpc-{port}.sock").unlink(
+                    missing_ok=True
+                )

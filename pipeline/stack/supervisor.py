@@ -73,8 +73,10 @@ def prometheus_bin() -> Path:
     for cand in (os.environ.get("PROMETHEUS_BIN"), debian, shutil.which("prometheus")):
         if cand and Path(cand).is_file():
             return Path(cand)
-    raise ServiceError(f"prometheus not found ($PROMETHEUS_BIN, {debian}, PATH); "
-                       "run `make install` (infra/local/fetch_debs.sh)")  # fmt: skip
+    raise ServiceError(
+        f"prometheus not found ($PROMETHEUS_BIN, {debian}, PATH); "
+        "run `make install` (infra/local/fetch_debs.sh)"
+    )
 
 
 def psutil():
@@ -182,9 +184,14 @@ class Service:
             log.write(f"\n=== {time.strftime('%F %T')} {' '.join(cmd)}\n".encode())
             log.flush()
             self._popen = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir,
-                env={**self.environment(), MARKER_ENV: marker}, start_new_session=True,
-            )  # fmt: skip
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=workdir,
+                env={**self.environment(), MARKER_ENV: marker},
+                start_new_session=True,
+            )
         pid = self._popen.pid
         rec = {"pid": pid, "create_time": psutil().Process(pid).create_time(), "marker": marker}
         self.pid_path.write_text(json.dumps({**rec, "cmd": cmd}, indent=1))
@@ -279,5 +286,3 @@ def wait_gone(procs: list, timeout: float) -> None:
             except ChildProcessError:
                 pass
         time.sleep(0.1)
-
-

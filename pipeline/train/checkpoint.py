@@ -40,8 +40,15 @@ def weights_bytes(model: torch.nn.Module) -> bytes:
     return save_weights(unwrap(model))
 
 
-def save(directory: str | Path, *, model: torch.nn.Module, state: dict[str, Any],
-         optimizer=None, scheduler=None, ema: torch.nn.Module | None = None) -> Path:
+def save(
+    directory: str | Path,
+    *,
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    optimizer=None,
+    scheduler=None,
+    ema: torch.nn.Module | None = None,
+) -> Path:
     """Write a checkpoint into ``directory`` (created). Returns the directory."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -50,8 +57,13 @@ def save(directory: str | Path, *, model: torch.nn.Module, state: dict[str, Any]
         files["ema.safetensors"] = weights_bytes(ema)
     if optimizer is not None:
         buf = io.BytesIO()
-        torch.save({"optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else {}}, buf)
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else {},
+            },
+            buf,
+        )
         files["optim.pt"] = buf.getvalue()
     files["state.json"] = json.dumps(state, indent=1, sort_keys=True).encode()
     # Until checksums.json is (re)published, the folder is not a checkpoint for load():
@@ -110,8 +122,9 @@ def load(directory: str | Path, *, with_optimizer: bool = True) -> dict[str, Any
     if not isinstance(sums, dict):
         raise CheckpointError(f"{d / CHECKSUMS}: missing or unreadable: not a complete checkpoint")
     out: dict[str, Any] = {"model": _parse(d, "model.safetensors", sums, load_weights)}
-    out["ema"] = (_parse(d, "ema.safetensors", sums, load_weights)
-                  if "ema.safetensors" in sums else None)
+    out["ema"] = (
+        _parse(d, "ema.safetensors", sums, load_weights) if "ema.safetensors" in sums else None
+    )
     out["optim"] = None
     if with_optimizer and "optim.pt" in sums:
         out["optim"] = _parse(d, "optim.pt", sums, _no_pickle_load)

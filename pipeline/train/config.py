@@ -26,7 +26,9 @@ class ScalingConfig(Checked):
     storage_path: str = ".data/ray_results"
     name: str = "vae"
     max_failures: Annotated[int, Range(ge=-1, note="-1: unlimited")] = 2
-    controller_failure_limit: Annotated[int, Range(ge=-1, note="-1: unlimited")] = 3  # e.g. a node that never returns: fail, don't hang
+    controller_failure_limit: Annotated[int, Range(ge=-1, note="-1: unlimited")] = (
+        3  # e.g. a node that never returns: fail, don't hang
+    )
     num_to_keep: Annotated[int, Range(ge=1)] = 2
 
     def __post_init__(self):
@@ -69,7 +71,9 @@ class TrackingConfig(Checked):
     experiment: str = "vae"
     registered_model: str = "vae"
     alias: str = "candidate"
-    metrics_port: Annotated[int, Range(ge=-1, le=65535, note="a port, 0: pick a free one, -1: none")] = 0  # 0: pick a free port per worker; -1: no Prometheus endpoint
+    metrics_port: Annotated[
+        int, Range(ge=-1, le=65535, note="a port, 0: pick a free one, -1: none")
+    ] = 0  # 0: pick a free port per worker; -1: no Prometheus endpoint
     metrics_host: str = "127.0.0.1"  # on a cluster: 0.0.0.0 with a fixed metrics_port
     metrics_sd_dir: str = ".stack/prometheus/targets"  # file_sd targets for the stack's Prometheus
 
@@ -77,8 +81,11 @@ class TrackingConfig(Checked):
         """This config with ``mlflow_uri`` filled from ``MLFLOW_TRACKING_URI`` if empty."""
         uri = self.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
         if not uri:
-            raise ConfigError("tracking.mlflow_uri", "empty and MLFLOW_TRACKING_URI is not set "
-                              "(run `make up`, or set it to your tracking server)")
+            raise ConfigError(
+                "tracking.mlflow_uri",
+                "empty and MLFLOW_TRACKING_URI is not set "
+                "(run `make up`, or set it to your tracking server)",
+            )
         return dataclasses.replace(self, mlflow_uri=uri)
 
 

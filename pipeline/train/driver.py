@@ -54,9 +54,11 @@ def _mlflow_run(spec: RunSpec) -> str:
     if run_id:
         print(f"MLflow run {run_id}", flush=True)
     else:
-        print(f"warning: MLflow at {public_uri(spec.uri)} unreachable for {wait:.0f}s; training "
-              f"starts anyway, metrics are buffered and the run is created when MLflow is back",
-              flush=True)
+        print(
+            f"warning: MLflow at {public_uri(spec.uri)} unreachable for {wait:.0f}s; training "
+            f"starts anyway, metrics are buffered and the run is created when MLflow is back",
+            flush=True,
+        )
     return run_id
 
 
@@ -69,13 +71,20 @@ def _terminate(spec: RunSpec, run_id: str, status: str) -> str:
         if run_id:
             MlflowClient(spec.uri).set_terminated(run_id, status=status)
     except Exception as e:  # tracking must not mask the training outcome
-        print(f"warning: could not mark MLflow run {run_id or '?'} {status} at "
-              f"{public_uri(spec.uri)} ({type(e).__name__})", flush=True)
+        print(
+            f"warning: could not mark MLflow run {run_id or '?'} {status} at "
+            f"{public_uri(spec.uri)} ({type(e).__name__})",
+            flush=True,
+        )
     return run_id
 
 
-def run_training(job: TrainJob, address: str | None = None, register: bool = True,
-                 env_vars: dict[str, str] | None = None) -> TrainResult:
+def run_training(
+    job: TrainJob,
+    address: str | None = None,
+    register: bool = True,
+    env_vars: dict[str, str] | None = None,
+) -> TrainResult:
     """Train ``job`` on Ray Train; register the final model in MLflow."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -96,22 +105,34 @@ def run_training(job: TrainJob, address: str | None = None, register: bool = Tru
         # `ray job submit` and a KubeRay RayJob.
         # Under `ray job submit` they are already in this driver's env (and job runtime env).
         env_vars = {k: v for k, v in (env_vars or {}).items() if os.environ.get(k) != v}
-        ray.init(address=ray_address(address), log_to_driver=True,
-                 runtime_env={"env_vars": env_vars} if env_vars else None)
+        ray.init(
+            address=ray_address(address),
+            log_to_driver=True,
+            runtime_env={"env_vars": env_vars} if env_vars else None,
+        )
     s = job.scaling
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"job": to_dict(job), "mlflow_run_id": run_id,
-                           "mlflow_run": dataclasses.asdict(spec)},
+        train_loop_config={
+            "job": to_dict(job),
+            "mlflow_run_id": run_id,
+            "mlflow_run": dataclasses.asdict(spec),
+        },
         scaling_config=ScalingConfig(
-            num_workers=s.num_workers, use_gpu=s.use_gpu,
-            resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})},
+            num_workers=s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker={
+                "CPU": s.cpus_per_worker,
+                **({"GPU": s.gpus_per_worker} if s.use_gpu else {}),
+            },
         ),
         run_config=RunConfig(
-            name=s.name, storage_path=storage_path(s.storage_path),
+            name=s.name,
+            storage_path=storage_path(s.storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=s.num_to_keep),
-            failure_config=FailureConfig(max_failures=s.max_failures,
-                                         controller_failure_limit=s.controller_failure_limit),
+            failure_config=FailureConfig(
+                max_failures=s.max_failures, controller_failure_limit=s.controller_failure_limit
+            ),
         ),
     )
     try:
@@ -140,15 +161,21 @@ def run_training(job: TrainJob, address: str | None = None, register: bool = Tru
                 f"registering the model at {public_uri(spec.uri)} failed: {_root_cause(e)}"
             ) from e
     elif register:
-        print(f"warning: MLflow at {public_uri(spec.uri)} unreachable; the model is not "
-              f"registered (checkpoint {result.checkpoint.path})", flush=True)
+        print(
+            f"warning: MLflow at {public_uri(spec.uri)} unreachable; the model is not "
+            f"registered (checkpoint {result.checkpoint.path})",
+            flush=True,
+        )
     if reachable:
         _terminate(spec, run_id, "FINISHED")
     ckpt_url = result.checkpoint.path
     if "://" in s.storage_path and "://" not in ckpt_url:
         ckpt_url = f"{s.storage_path.split('://')[0]}://{ckpt_url}"
-    print(f"MLflow run {run_id or '(none: MLflow unreachable)'} | checkpoint {ckpt_url}"
-          + (f" | model {uri} (version {version}, alias {job.tracking.alias})" if uri else ""), flush=True)
+    print(
+        f"MLflow run {run_id or '(none: MLflow unreachable)'} | checkpoint {ckpt_url}"
+        + (f" | model {uri} (version {version}, alias {job.tracking.alias})" if uri else ""),
+        flush=True,
+    )
     return TrainResult(run_id, ckpt_url, dict(result.metrics or {}), version, uri)
 
 
@@ -186,21 +213,32 @@ def register_model(job: TrainJob, run_id: str, ckpt) -> tuple[str, str]:
     vae = build_model(to_dict(job)["model"])
     vae.load_state_dict(weights)
     vae.eval()
-    example = np.random.default_rng(0).random((2, m.in_channels, m.image_size, m.image_size),
-                                               dtype=np.float32)
+    example = np.random.default_rng(0).random(
+        (2, m.in_channels, m.image_size, m.image_size), dtype=np.float32
+    )
     with torch.no_grad():
         params, _ = vae(torch.from_numpy(example), sample_posterior=False)
         recon = vae.likelihood.mean(params).clamp(0, 1).numpy()
     mlflow.set_tracking_uri(t.mlflow_uri)
     # the fluent API refuses a run outside its active experiment (set by earlier calls in
     # this process), so make the run's own experiment the active one
-    mlflow.set_experiment(experiment_id=MlflowClient(t.mlflow_uri).get_run(run_id).info.experiment_id)
+    mlflow.set_experiment(
+        experiment_id=MlflowClient(t.mlflow_uri).get_run(run_id).info.experiment_id
+    )
     with tempfile.TemporaryDirectory() as tmp:
         wpath = Path(tmp) / "weights.safetensors"
         wpath.write_bytes(checkpoint.weights_bytes(vae))
         cpath = Path(tmp) / "config.json"
-        cpath.write_text(json.dumps({"model": to_dict(job)["model"], "train_run_id": run_id,
-                                     "step": saved["state"]["step"]}, indent=1))
+        cpath.write_text(
+            json.dumps(
+                {
+                    "model": to_dict(job)["model"],
+                    "train_run_id": run_id,
+                    "step": saved["state"]["step"],
+                },
+                indent=1,
+            )
+        )
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",

@@ -46,8 +46,10 @@ def check(url: str) -> None:
     except Exception:  # none recorded (or unreadable: then train and find out again)
         return
     cls = {c.__name__: c for c in DETERMINISTIC}.get(doc.get("type"), PipelineError)
-    raise cls(f"{doc.get('message', '?')} (at step {doc.get('step', '?')}; not retried: a "
-              "restart would fail the same way)")
+    raise cls(
+        f"{doc.get('message', '?')} (at step {doc.get('step', '?')}; not retried: a "
+        "restart would fail the same way)"
+    )
 
 
 def clear(url: str) -> None:

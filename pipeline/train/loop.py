@@ -81,17 +81,31 @@ class RunState:
     def create(cls, job: TrainJob, vae: VAE, rank: int, world: int, run_id: str) -> RunState:
         o = job.optim
         opt = torch.optim.AdamW(vae.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        stream = ShardStream(job.data, rank=rank, world_size=world, batch_size=o.batch_size,
-                             split="train")
+        stream = ShardStream(
+            job.data, rank=rank, world_size=world, batch_size=o.batch_size, split="train"
+        )
         total = o.max_steps or len(stream) * o.epochs
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.warmup_steps, total))
         ema = copy.deepcopy(vae).requires_grad_(False) if o.ema_decay > 0 else None
         test = None
         if rank == 0 and job.data.test_url:
-            test = ShardStream(job.data, rank=0, world_size=1, batch_size=o.batch_size,
-                               split="test")
-        return cls(job, rank, world, vae, ema, opt, sched, stream,
-                   SkipBudget(o.max_skipped_steps), BadSamples(), run_id, test)
+            test = ShardStream(
+                job.data, rank=0, world_size=1, batch_size=o.batch_size, split="test"
+            )
+        return cls(
+            job,
+            rank,
+            world,
+            vae,
+            ema,
+            opt,
+            sched,
+            stream,
+            SkipBudget(o.max_skipped_steps),
+            BadSamples(),
+            run_id,
+            test,
+        )
 
     @property
     def total_steps(self) -> int:
@@ -124,24 +138,32 @@ class RunState:
         if self.rank == 0:
             print(f"resumed from checkpoint at epoch {self.epoch} step {self.step}", flush=True)
 
-    def save_and_report(self, extra: dict, tracker: Tracker | None,
-                        metrics: WorkerMetrics) -> None:
+    def save_and_report(self, extra: dict, tracker: Tracker | None, metrics: WorkerMetrics) -> None:
         """Every rank calls this at the same step; rank 0 attaches the checkpoint."""
         t0 = time.perf_counter()
         report = {"step": self.step, "epoch": self.epoch, **extra}
-        counts = gather({"run": dict(self.bad.own), "epoch": self.stream.bad_counts()},
-                        self.world)
+        counts = gather({"run": dict(self.bad.own), "epoch": self.stream.bad_counts()}, self.world)
         if tracker is None:
             ray.train.report(report, checkpoint=None)
             return
-        state = {"step": self.step, "epoch": self.epoch, "skipped_steps": self.budget.count,
-                 "bad_samples": self.bad.totals([c["run"] for c in counts[1:]]),
-                 "mlflow_run_id": tracker.run_id,
-                 "data": self.stream.state_dict([c["epoch"] for c in counts]),
-                 "config": to_dict(self.job)}
+        state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "skipped_steps": self.budget.count,
+            "bad_samples": self.bad.totals([c["run"] for c in counts[1:]]),
+            "mlflow_run_id": tracker.run_id,
+            "data": self.stream.state_dict([c["epoch"] for c in counts]),
+            "config": to_dict(self.job),
+        }
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint.save(tmp, model=self.vae, state=state, optimizer=self.opt,
-                            scheduler=self.sched, ema=self.ema)
+            checkpoint.save(
+                tmp,
+                model=self.vae,
+                state=state,
+                optimizer=self.opt,
+                scheduler=self.sched,
+                ema=self.ema,
+            )
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         metrics.checkpoint_seconds.observe(time.perf_counter() - t0)
         tracker.metrics({"checkpoint_seconds": time.perf_counter() - t0}, self.step)
@@ -152,8 +174,9 @@ def open_metrics(job: TrainJob, rank: int, local_rank: int) -> WorkerMetrics:
     """This worker's Prometheus endpoint (one port per worker on a node)."""
     port = job.tracking.metrics_port
     port = port + local_rank if port > 0 else port
-    return WorkerMetrics(job.scaling.name, rank, port, job.tracking.metrics_sd_dir,
-                         job.tracking.metrics_host)
+    return WorkerMetrics(
+        job.scaling.name, rank, port, job.tracking.metrics_sd_dir, job.tracking.metrics_host
+    )
 
 
 def train_loop(loop_config: dict) -> None:
@@ -189,24 +212,39 @@ def train_loop(loop_config: dict) -> None:
                 faults.record_keys(rank, run.epoch, run.step + 1, batch["key"])
                 beta = optim.kl_weight * kl_warmup(run.step, optim.kl_warmup_steps)
                 noise.manual_seed(noise_seed(optim.seed, rank, run.step))
-                res = train_step(model, vae, run.opt, x, kl_weight=beta,
-                                 free_bits=optim.free_bits, grad_clip=optim.grad_clip,
-                                 bf16=optim.bf16, ema=run.ema, ema_decay=optim.ema_decay,
-                                 inject=partial(faults.corrupt_loss, run.step + 1, rank),
-                                 generator=noise)
+                res = train_step(
+                    model,
+                    vae,
+                    run.opt,
+                    x,
+                    kl_weight=beta,
+                    free_bits=optim.free_bits,
+                    grad_clip=optim.grad_clip,
+                    bf16=optim.bf16,
+                    ema=run.ema,
+                    ema_decay=optim.ema_decay,
+                    inject=partial(faults.corrupt_loss, run.step + 1, rank),
+                    generator=noise,
+                )
                 if res.skipped:
                     metrics.skipped_steps.inc()
                     if rank == 0:
-                        print(f"step {run.step + 1}: non-finite loss or gradient, step skipped "
-                              f"({run.budget.count + 1} so far)", flush=True)
+                        print(
+                            f"step {run.step + 1}: non-finite loss or gradient, step skipped "
+                            f"({run.budget.count + 1} so far)",
+                            flush=True,
+                        )
                 run.budget.record(res.skipped)
                 run.sched.step()
                 run.step += 1
                 progress.stepped(run.step, x.shape[0])
                 if run.step % optim.log_every == 0:  # [4] Log (a collective: all ranks)
                     log_row(run, progress, res, beta, tracker)
-                if optim.checkpoint_every and run.step % optim.checkpoint_every == 0 \
-                        and run.step % len(run.stream):  # [5] Report + checkpoint mid-epoch
+                if (
+                    optim.checkpoint_every
+                    and run.step % optim.checkpoint_every == 0
+                    and run.step % len(run.stream)
+                ):  # [5] Report + checkpoint mid-epoch
                     run.save_and_report({}, tracker, metrics)
                 if optim.max_steps and run.step >= optim.max_steps:
                     break
@@ -217,14 +255,19 @@ def train_loop(loop_config: dict) -> None:
             ev = evaluate_epoch(run, device, tracker) if tracker is not None else {}
             run.save_and_report(ev, tracker, metrics)  # [5] Report + checkpoint: epoch end
         if tracker is not None and not tracker.flush(wait=mlflow_wait()):
-            print(f"warning: MLflow at {tracker.uri} still unreachable at the end of training; "
-                  f"{tracker.pending} metric points and images were not logged", flush=True)
+            print(
+                f"warning: MLflow at {tracker.uri} still unreachable at the end of training; "
+                f"{tracker.pending} metric points and images were not logged",
+                flush=True,
+            )
     except BaseException as e:
         fatal.record(fatal_url, e, run.step)
         metrics.bad_samples.inc(run.bad.reconcile(run.stream.stats()["bad_reasons"]))
         if tracker is not None:  # what was counted up to the failure (bad samples, skips)
-            tracker.metrics({"skipped_steps": run.budget.count,
-                             **BadSamples.as_metrics(run.bad.totals())}, run.step)
+            tracker.metrics(
+                {"skipped_steps": run.budget.count, **BadSamples.as_metrics(run.bad.totals())},
+                run.step,
+            )
             tracker.flush()
         raise
     finally:
@@ -235,8 +278,14 @@ def log_row(run: RunState, progress: Progress, res, beta: float, tracker: Tracke
     """The periodic metric row: gauges on every rank, MLflow and the progress line on rank 0.
     Gathers the ranks' bad-sample counts, so every rank calls it at the same step."""
     totals = run.bad.totals(gather(dict(run.bad.own), run.world)[1:])
-    row = progress.row(res, lr=run.sched.get_last_lr()[0], kl_weight=beta, epoch=run.epoch,
-                       skipped_steps=run.budget.count, bad_totals=totals)
+    row = progress.row(
+        res,
+        lr=run.sched.get_last_lr()[0],
+        kl_weight=beta,
+        epoch=run.epoch,
+        skipped_steps=run.budget.count,
+        bad_totals=totals,
+    )
     if tracker is not None:
         tracker.metrics(row, run.step)
         print(progress.line(row, run.step), flush=True)
@@ -244,8 +293,14 @@ def log_row(run: RunState, progress: Progress, res, beta: float, tracker: Tracke
 
 def evaluate_epoch(run: RunState, device: torch.device, tracker: Tracker) -> dict:
     """Rank 0's end-of-epoch evaluation, on the EMA weights when there are any."""
-    return _evaluate(run.vae if run.ema is None else run.ema, run.test_stream, run.job.optim,
-                     device, tracker, run.step)
+    return _evaluate(
+        run.vae if run.ema is None else run.ema,
+        run.test_stream,
+        run.job.optim,
+        device,
+        tracker,
+        run.step,
+    )
 
 
 @torch.no_grad()
@@ -254,8 +309,10 @@ def eval_metrics(vae: VAE, batches: list[torch.Tensor], iwae_k: int, iwae_images
     checkpoint's numbers can be reproduced exactly from the same batches."""
     g = torch.Generator(device="cpu").manual_seed(0)
     terms = [elbo_terms(vae, x, generator=g) for x in batches]
-    ev = {f"eval_{k}": float(sum(t[k] for t in terms) / len(terms))
-          for k in ("neg_elbo_bits", "rate_bits", "distortion_bits", "bits_per_dim")}
+    ev = {
+        f"eval_{k}": float(sum(t[k] for t in terms) / len(terms))
+        for k in ("neg_elbo_bits", "rate_bits", "distortion_bits", "bits_per_dim")
+    }
     res = evaluate(vae, [torch.cat(batches)[:iwae_images]], k=iwae_k, generator=g)
     for k in ("nll_iwae", "gap", "bits_per_dim", "psnr", "active_units"):
         if k in res:
@@ -264,8 +321,7 @@ def eval_metrics(vae: VAE, batches: list[torch.Tensor], iwae_k: int, iwae_images
 
 
 @torch.no_grad()
-def _evaluate(vae: VAE, test_stream, o: OptimConfig, device, tracker: Tracker,
-              step: int) -> dict:
+def _evaluate(vae: VAE, test_stream, o: OptimConfig, device, tracker: Tracker, step: int) -> dict:
     """Held-out ELBO, IWAE-K on a subset, PSNR, active units; reconstruction + prior grids."""
     vae.eval()
     try:
@@ -284,7 +340,9 @@ def _evaluate(vae: VAE, test_stream, o: OptimConfig, device, tracker: Tracker,
                 pairs = torch.cat([x, vae.likelihood.mean(params).clamp(0, 1)])
                 tracker.image(grid(pairs, ncol=8), "reconstructions", step)
         g = torch.Generator(device="cpu").manual_seed(0)
-        tracker.image(grid(vae.sample_prior(64, generator=g).clamp(0, 1), ncol=8), "prior_samples", step)
+        tracker.image(
+            grid(vae.sample_prior(64, generator=g).clamp(0, 1), ncol=8), "prior_samples", step
+        )
         if ev:
             tracker.metrics(ev, step)
         return ev

@@ -18,7 +18,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 class WorkerMetrics:
     """Throughput, step time, data wait, loss, skipped steps, bad samples, checkpoint time."""
 
-    def __init__(self, run: str, rank: int, port: int = 0, sd_dir: str = "", host: str = "127.0.0.1"):
+    def __init__(
+        self, run: str, rank: int, port: int = 0, sd_dir: str = "", host: str = "127.0.0.1"
+    ):
         self.registry = CollectorRegistry()
         labels = {"run": run, "rank": str(rank)}
         r = self.registry
@@ -35,17 +37,28 @@ class WorkerMetrics:
         self.images_per_second = g("vae_train_images_per_second", "training images per second")
         self.loss = g("vae_train_loss", "training loss (negative ELBO, weighted)")
         self.bits_per_dim = g("vae_train_bits_per_dim", "negative ELBO in bits per dimension")
-        self.data_wait_fraction = g("vae_train_data_wait_fraction", "share of step time waiting on data")
+        self.data_wait_fraction = g(
+            "vae_train_data_wait_fraction", "share of step time waiting on data"
+        )
         self.step = g("vae_train_step", "global optimizer step")
         self.images = c("vae_train_images", "images consumed")
-        self.skipped_steps = c("vae_train_skipped_steps", "steps skipped for a non-finite loss/gradient")
+        self.skipped_steps = c(
+            "vae_train_skipped_steps", "steps skipped for a non-finite loss/gradient"
+        )
         self.bad_samples = c("vae_train_bad_samples", "corrupt samples skipped by the reader")
-        self.step_seconds = h("vae_train_step_seconds", "wall time of one step",
-                              (0.01, 0.03, 0.1, 0.3, 1, 3, 10))
-        self.data_wait_seconds = h("vae_train_data_wait_seconds", "time waiting for a batch",
-                                   (0.001, 0.01, 0.03, 0.1, 0.3, 1, 3))
-        self.checkpoint_seconds = h("vae_train_checkpoint_seconds", "time to write a checkpoint",
-                                    (0.1, 0.3, 1, 3, 10, 30, 100))
+        self.step_seconds = h(
+            "vae_train_step_seconds", "wall time of one step", (0.01, 0.03, 0.1, 0.3, 1, 3, 10)
+        )
+        self.data_wait_seconds = h(
+            "vae_train_data_wait_seconds",
+            "time waiting for a batch",
+            (0.001, 0.01, 0.03, 0.1, 0.3, 1, 3),
+        )
+        self.checkpoint_seconds = h(
+            "vae_train_checkpoint_seconds",
+            "time to write a checkpoint",
+            (0.1, 0.3, 1, 3, 10, 30, 100),
+        )
         self.port = None
         self.sd_file: Path | None = None
         if port >= 0:
@@ -54,9 +67,17 @@ class WorkerMetrics:
             if sd_dir:
                 self.sd_file = Path(sd_dir) / f"{run}-rank{rank}.json"
                 self.sd_file.parent.mkdir(parents=True, exist_ok=True)
-                target = [{"targets": [f"{host}:{self.port}"],
-                           "labels": {"job": "vae-train", "run": run, "rank": str(rank),
-                                      "node": socket.gethostname()}}]
+                target = [
+                    {
+                        "targets": [f"{host}:{self.port}"],
+                        "labels": {
+                            "job": "vae-train",
+                            "run": run,
+                            "rank": str(rank),
+                            "node": socket.gethostname(),
+                        },
+                    }
+                ]
                 tmp = self.sd_file.with_suffix(f".tmp{os.getpid()}")
                 tmp.write_text(json.dumps(target))
                 tmp.replace(self.sd_file)  # Prometheus never reads a half-written target file

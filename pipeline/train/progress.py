@@ -46,8 +46,16 @@ class Progress:
         m.images.inc(images)
         m.step.set(step)
 
-    def row(self, res: StepResult, *, lr: float, kl_weight: float, epoch: int,
-            skipped_steps: int, bad_totals: dict[str, int]) -> dict[str, float]:
+    def row(
+        self,
+        res: StepResult,
+        *,
+        lr: float,
+        kl_weight: float,
+        epoch: int,
+        skipped_steps: int,
+        bad_totals: dict[str, int],
+    ) -> dict[str, float]:
         """The MLflow row for this log step; updates the gauges and starts a new window."""
         dt = time.perf_counter() - self.t0
         wait_frac = self.wait / max(self.wait + self.busy, 1e-9)
@@ -58,19 +66,28 @@ class Progress:
         m.loss.set(loss)
         m.bits_per_dim.set(float(out["bits_per_dim"]))
         m.data_wait_fraction.set(wait_frac)
-        row = {"loss": loss, "neg_elbo_bits_per_dim": float(out["bits_per_dim"]),
-               "rate_bits": float(out["rate_bits"]),
-               "distortion_bits": float(out["distortion_bits"]),
-               "grad_norm": float(res.grad_norm), "lr": lr,
-               "images_per_second": self.images * self.world / dt,
-               "data_wait_fraction": wait_frac, "skipped_steps": skipped_steps,
-               **BadSamples.as_metrics(bad_totals), "kl_weight": kl_weight, "epoch": epoch}
+        row = {
+            "loss": loss,
+            "neg_elbo_bits_per_dim": float(out["bits_per_dim"]),
+            "rate_bits": float(out["rate_bits"]),
+            "distortion_bits": float(out["distortion_bits"]),
+            "grad_norm": float(res.grad_norm),
+            "lr": lr,
+            "images_per_second": self.images * self.world / dt,
+            "data_wait_fraction": wait_frac,
+            "skipped_steps": skipped_steps,
+            **BadSamples.as_metrics(bad_totals),
+            "kl_weight": kl_weight,
+            "epoch": epoch,
+        }
         self._reset()
         return row
 
     def line(self, row: dict[str, float], step: int) -> str:
         """The driver's progress line for ``row``."""
-        return (f"epoch {row['epoch']:.0f} step {step}/{self.total} | "
-                f"{row['images_per_second']:,.0f} img/s | "
-                f"-ELBO {row['neg_elbo_bits_per_dim']:.4f} bits/dim | "
-                f"rate {row['rate_bits']:.1f} bits | wait {row['data_wait_fraction']:.0%}")
+        return (
+            f"epoch {row['epoch']:.0f} step {step}/{self.total} | "
+            f"{row['images_per_second']:,.0f} img/s | "
+            f"-ELBO {row['neg_elbo_bits_per_dim']:.4f} bits/dim | "
+            f"rate {row['rate_bits']:.1f} bits | wait {row['data_wait_fraction']:.0%}"
+        )

@@ -21,10 +21,16 @@ class Objective(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, x: torch.Tensor, kl_weight: float, free_bits: float,
-                generator: torch.Generator | None = None) -> dict:
-        return elbo_terms(self.vae, x, kl_weight=kl_weight, free_bits=free_bits,
-                          generator=generator)
+    def forward(
+        self,
+        x: torch.Tensor,
+        kl_weight: float,
+        free_bits: float,
+        generator: torch.Generator | None = None,
+    ) -> dict:
+        return elbo_terms(
+            self.vae, x, kl_weight=kl_weight, free_bits=free_bits, generator=generator
+        )
 
 
 def noise_seed(seed: int, rank: int, step: int) -> int:
@@ -41,11 +47,21 @@ class StepResult:
     skipped: bool
 
 
-def train_step(model: nn.Module, vae: VAE, opt: torch.optim.Optimizer, x: torch.Tensor, *,
-               kl_weight: float, free_bits: float, grad_clip: float, bf16: bool = False,
-               ema: VAE | None = None, ema_decay: float = 0.0,
-               inject: Callable[[torch.Tensor], torch.Tensor] | None = None,
-               generator: torch.Generator | None = None) -> StepResult:
+def train_step(
+    model: nn.Module,
+    vae: VAE,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    *,
+    kl_weight: float,
+    free_bits: float,
+    grad_clip: float,
+    bf16: bool = False,
+    ema: VAE | None = None,
+    ema_decay: float = 0.0,
+    inject: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> StepResult:
     """One optimizer step on batch ``x``, skipped whole if the loss or a gradient is not finite.
 
     ``model`` is ``Objective(vae)``, possibly DDP-wrapped. A skipped step leaves the weights,
@@ -95,9 +111,8 @@ class SkipBudget:
         if self.count > self.limit:
             raise SkipBudgetExceeded(
                 f"{self.count} steps skipped for a non-finite loss or gradient "
-                f"(optim.max_skipped_steps={self.limit}); lower optim.lr or check the data")
-
-
+                f"(optim.max_skipped_steps={self.limit}); lower optim.lr or check the data"
+            )
 
 
 class BadSamples:
@@ -141,5 +156,7 @@ class BadSamples:
     @staticmethod
     def as_metrics(totals: dict[str, int]) -> dict[str, float]:
         """``{"bad_samples": N, "bad_samples.<reason>": n, ...}`` for MLflow."""
-        return {"bad_samples": float(sum(totals.values())),
-                **{f"bad_samples.{k}": float(v) for k, v in sorted(totals.items())}}
+        return {
+            "bad_samples": float(sum(totals.values())),
+            **{f"bad_samples.{k}": float(v) for k, v in sorted(totals.items())},
+        }

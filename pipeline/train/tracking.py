@@ -79,8 +79,13 @@ class RunSpec:
     @classmethod
     def from_job(cls, job: TrainJob) -> RunSpec:
         store = storage_path(job.scaling.storage_path)
-        return cls(job.tracking.mlflow_uri, job.tracking.experiment, job.scaling.name,
-                   {RUN_TAG: job.scaling.name, STORE_TAG: store}, config_params(job))
+        return cls(
+            job.tracking.mlflow_uri,
+            job.tracking.experiment,
+            job.scaling.name,
+            {RUN_TAG: job.scaling.name, STORE_TAG: store},
+            config_params(job),
+        )
 
 
 def find_or_create_run(spec: RunSpec, client=None, create: bool = True) -> str:
@@ -105,8 +110,10 @@ def find_or_create_run(spec: RunSpec, client=None, create: bool = True) -> str:
     else:
         exp_id = exp.experiment_id
     found = client.search_runs(
-        [exp_id], filter_string=" and ".join(f"tags.`{k}` = '{v}'" for k, v in spec.tags.items()),
-        order_by=["attributes.start_time DESC"], max_results=1,
+        [exp_id],
+        filter_string=" and ".join(f"tags.`{k}` = '{v}'" for k, v in spec.tags.items()),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
     )
     if found and found[0].info.status != "FINISHED":
         return found[0].info.run_id
@@ -129,8 +136,7 @@ def wait_for_run(spec: RunSpec, wait: float, create: bool = True) -> str:
         except Exception as e:
             left = deadline - time.monotonic()
             if left <= 0:
-                log.warning("MLflow at %s unreachable (%s)", public_uri(spec.uri),
-                            type(e).__name__)
+                log.warning("MLflow at %s unreachable (%s)", public_uri(spec.uri), type(e).__name__)
                 return ""
             time.sleep(min(delay, left))
             delay = min(2 * delay, 8.0)
@@ -227,10 +233,17 @@ class Tracker:
                 self._images.pop(0)
         except Exception as e:  # server down, timeout, 5xx: keep buffering, never crash training
             if not self._down:
-                log.warning("MLflow at %s unreachable (%s); buffering %d points and retrying",
-                            self.uri, type(e).__name__, self.pending)
-                print(f"warning: MLflow at {self.uri} unreachable ({type(e).__name__}); "
-                      f"training continues, metrics buffered", flush=True)
+                log.warning(
+                    "MLflow at %s unreachable (%s); buffering %d points and retrying",
+                    self.uri,
+                    type(e).__name__,
+                    self.pending,
+                )
+                print(
+                    f"warning: MLflow at {self.uri} unreachable ({type(e).__name__}); "
+                    f"training continues, metrics buffered",
+                    flush=True,
+                )
                 self._down, self._retry = True, RETRY_MIN
             else:
                 self._retry = min(2 * self._retry, RETRY_MAX)
@@ -240,7 +253,10 @@ class Tracker:
             print(f"MLflow at {self.uri} reachable again; buffered metrics flushed", flush=True)
             self._down = False
         if self.dropped:
-            print(f"warning: {self.dropped} metric points were dropped while MLflow was down "
-                  f"(buffer limit {MAX_BUFFER})", flush=True)
+            print(
+                f"warning: {self.dropped} metric points were dropped while MLflow was down "
+                f"(buffer limit {MAX_BUFFER})",
+                flush=True,
+            )
             self.dropped = 0
         return True
