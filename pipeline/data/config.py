@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from pipeline.errors import ConfigError
+from pipeline.storage import check_url
 from pipeline.typed import Checked, Range
 
 
@@ -48,6 +49,7 @@ class IngestConfig(Checked):
             raise ConfigError(
                 "output_url", "must be a local path or fsspec URL, e.g. s3://bucket/prefix"
             )
+        check_url(self.output_url, "output_url")
         if self.source in ("folder", "archive") and not self.source_path:
             raise ConfigError("source_path", f"required for source {self.source!r}")
 
@@ -66,6 +68,9 @@ class StreamConfig(Checked):
     num_workers: Annotated[int, Range(ge=0)] = 2  # DataLoader workers per rank
     remainder: Literal["drop", "pad"] = "drop"
     normalize: Literal["unit", "symmetric", "standard"] = "unit"  # [0,1]; [-1,1]; manifest mean/std
+    # dynamic binarization (pixel ~ Bernoulli(intensity), redrawn every step) in the training
+    # worker; required by the bernoulli likelihood, whose density is only defined on {0, 1}
+    binarize: bool = False
     max_pixels: Annotated[int, Range(ge=1)] = (
         2**26
     )  # larger images are skipped as decompression bombs
@@ -78,6 +83,9 @@ class StreamConfig(Checked):
         super().__post_init__()
         if not self.train_url:
             raise ConfigError("train_url", "must be a shard folder URL holding manifest.json")
+        check_url(self.train_url, "train_url")
+        if self.test_url:
+            check_url(self.test_url, "test_url")
         if self.channels not in (0, 1, 3):
             raise ConfigError(
                 "channels", f"must be 1 or 3 (0: from the manifest), got {self.channels}"

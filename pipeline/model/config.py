@@ -64,7 +64,7 @@ class ModelConfig:
     activation: Literal["silu", "relu", "gelu", "leaky_relu"] = "silu"
     likelihood: Literal[
         "gaussian", "laplace", "bernoulli", "discretized_logistic", "discretized_gaussian"
-    ] = "bernoulli"
+    ] = "discretized_logistic"
     sigma: float = 0.1
     learn_sigma: Literal["none", "global", "channel"] = "none"
     min_log_scale: float = -7.0

@@ -107,3 +107,15 @@ class TrainJob:
             raise ConfigError(
                 "data.channels", f"{d.channels} differs from model.in_channels={m.in_channels}"
             )
+        # Shards hold 8-bit images: a Bernoulli density on them is not a likelihood, and its
+        # bits/dim would look better than it is.
+        if m.likelihood == "bernoulli" and not d.binarize:
+            raise ConfigError(
+                "model.likelihood",
+                "'bernoulli' needs binary pixels but shards hold 8-bit images: set "
+                "data.binarize: true (dynamic binarization) or use 'discretized_logistic'",
+            )
+        if d.binarize and m.likelihood != "bernoulli":
+            raise ConfigError(
+                "data.binarize", f"only for the bernoulli likelihood, got {m.likelihood!r}"
+            )

@@ -14,6 +14,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -74,6 +75,7 @@ class RunState:
     bad: BadSamples
     run_id: str
     test_stream: ShardStream | None = None  # rank 0's held-out split, when there is one
+    noise: torch.Generator | None = None  # reparameterization noise, on the model's device
     step: int = 0
     epoch: int = 0
 
@@ -105,11 +107,18 @@ class RunState:
             BadSamples(),
             run_id,
             test,
+            torch.Generator(device=next(vae.parameters()).device),
         )
 
     @property
     def total_steps(self) -> int:
         return self.job.optim.max_steps or len(self.stream) * self.job.optim.epochs
+
+    def step_noise(self) -> torch.Generator:
+        """The noise generator for the next step, seeded by (seed, rank, step): a resumed run
+        draws what an uninterrupted one would at this step."""
+        self.noise.manual_seed(noise_seed(self.job.optim.seed, self.rank, self.step))
+        return self.noise
 
     def done(self) -> bool:
         o = self.job.optim
@@ -146,28 +155,51 @@ class RunState:
         if tracker is None:
             ray.train.report(report, checkpoint=None)
             return
+        with tempfile.TemporaryDirectory() as tmp:
+            self.write(tmp, counts, tracker.run_id)
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        metrics.checkpoint_seconds.observe(time.perf_counter() - t0)
+        tracker.metrics({"checkpoint_seconds": time.perf_counter() - t0}, self.step)
+        tracker.flush()  # metrics reach MLflow only once their step is checkpointed
+
+    def write(self, directory: str, counts: list[dict], run_id: str) -> None:
+        """Write the checkpoint into ``directory``; ``counts`` holds every rank's bad-sample
+        counts (``{"run": ..., "epoch": ...}``, in rank order)."""
         state = {
             "step": self.step,
             "epoch": self.epoch,
             "skipped_steps": self.budget.count,
             "bad_samples": self.bad.totals([c["run"] for c in counts[1:]]),
-            "mlflow_run_id": tracker.run_id,
+            "mlflow_run_id": run_id,
             "data": self.stream.state_dict([c["epoch"] for c in counts]),
             "config": to_dict(self.job),
         }
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint.save(
-                tmp,
-                model=self.vae,
-                state=state,
-                optimizer=self.opt,
-                scheduler=self.sched,
-                ema=self.ema,
-            )
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        metrics.checkpoint_seconds.observe(time.perf_counter() - t0)
-        tracker.metrics({"checkpoint_seconds": time.perf_counter() - t0}, self.step)
-        tracker.flush()  # metrics reach MLflow only once their step is checkpointed
+        checkpoint.save(
+            directory,
+            model=self.vae,
+            state=state,
+            optimizer=self.opt,
+            scheduler=self.sched,
+            ema=self.ema,
+        )
+
+
+def start_run(
+    job: TrainJob,
+    rank: int,
+    world: int,
+    run_id: str,
+    ckpt: ray.train.Checkpoint | None,
+    prepare: Callable[[torch.nn.Module], torch.nn.Module],
+) -> tuple[torch.nn.Module, RunState]:
+    """The model on its device first (``prepare``: Ray's ``prepare_model``, DDP), then the
+    run state built on it and restored from ``ckpt``: the EMA copy, the optimizer state and
+    the noise generator follow the parameters' device and dtype. Returns (model, run)."""
+    vae = VAE.from_config(job.model)
+    model = prepare(Objective(vae))
+    run = RunState.create(job, vae, rank, world, run_id)
+    run.restore(ckpt)
+    return model, run
 
 
 def open_metrics(job: TrainJob, rank: int, local_rank: int) -> WorkerMetrics:
@@ -191,17 +223,20 @@ def train_loop(loop_config: dict) -> None:
     torch.manual_seed(optim.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
 
     # [1] Prepare and wrap the model (DDP), first: EMA and optimizer state follow its device.
-    vae = VAE.from_config(job.model)
-    model = ray.train.torch.prepare_model(Objective(vae))
-    device = next(vae.parameters()).device
     # [2] Restore the run (weights, optimizer, counters, data position) or start it.
     # "" run id: MLflow was down when the driver started; the tracker finds the run later.
-    run = RunState.create(job, vae, rank, world, loop_config["mlflow_run_id"])
-    run.restore(ray.train.get_checkpoint())
+    model, run = start_run(
+        job,
+        rank,
+        world,
+        loop_config["mlflow_run_id"],
+        ray.train.get_checkpoint(),
+        ray.train.torch.prepare_model,
+    )
+    device = next(run.vae.parameters()).device
     tracker = Tracker(RunSpec(**loop_config["mlflow_run"]), run.run_id) if rank == 0 else None
     metrics = open_metrics(job, rank, ctx.get_local_rank())
     progress = Progress(metrics, world, run.total_steps)
-    noise = torch.Generator(device=device)
     try:
         while not run.done():
             progress.fetching()
@@ -211,10 +246,10 @@ def train_loop(loop_config: dict) -> None:
                 metrics.bad_samples.inc(run.bad.add(batch["skipped"]))
                 faults.record_keys(rank, run.epoch, run.step + 1, batch["key"])
                 beta = optim.kl_weight * kl_warmup(run.step, optim.kl_warmup_steps)
-                noise.manual_seed(noise_seed(optim.seed, rank, run.step))
+                noise = run.step_noise()
                 res = train_step(
                     model,
-                    vae,
+                    run.vae,
                     run.opt,
                     x,
                     kl_weight=beta,
