@@ -191,6 +191,22 @@ def _protocol(url: str) -> str:
     return url.split("://", 1)[0] if "://" in url else "file"
 
 
+SCHEMES = ("file", "local", "s3", "s3a")  # a plain path is "file"
+
+
+def check_url(url: str, key: str = "") -> None:
+    """Raise unless ``url`` is a local path, ``file://`` or ``s3://``: the schemes whose
+    credentials and errors this module handles. :func:`get_fs` asks here (a
+    :class:`StorageError`), and so do the configs at load time, naming their ``key`` (a
+    :class:`ConfigError`)."""
+    if _protocol(url) not in SCHEMES:
+        msg = (
+            f"{url}: unsupported URL scheme {_protocol(url)!r} "
+            "(expected a local path, file://... or s3://bucket/key)"
+        )
+        raise ConfigError(key, msg) if key else StorageError(msg)
+
+
 def _bucket(url: str) -> str:
     return url.split("://", 1)[1].split("/", 1)[0] if _protocol(url) in ("s3", "s3a") else ""
 
@@ -230,8 +246,9 @@ def get_fs(url: str, storage_options: dict | None = None) -> tuple[Any, str]:
 
     Raises:
         ConfigError: ``storage_options`` holds a credential.
-        StorageError: S3 credentials are missing from the environment.
+        StorageError: an unsupported scheme, or S3 credentials missing from the environment.
     """
+    check_url(url)
     options = dict(storage_options or {})
     secret = sorted(k for k in options if k.lower() in _SECRET_OPTIONS)
     if secret:
