@@ -1,9 +1,11 @@
 """The one module that knows about storage: URLs in, bytes and file objects out.
 
 Every other module takes URLs (a local path, ``file://...`` or ``s3://bucket/key``) and calls
-the functions here. S3 credentials come only from the environment (``AWS_ACCESS_KEY_ID``,
-``AWS_SECRET_ACCESS_KEY``, optional ``AWS_SESSION_TOKEN``), the endpoint from
-``AWS_ENDPOINT_URL`` and the region from ``AWS_REGION``; they never appear in messages.
+the functions here. S3 credentials come from the environment (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, optional ``AWS_SESSION_TOKEN``) or, without them, from the standard
+AWS credential chain (shared credentials file, profile, web identity/IRSA, container and
+instance roles), never from config; the endpoint from ``AWS_ENDPOINT_URL`` and the region
+from ``AWS_REGION``; they never appear in messages.
 
 Transient failures (connection errors, timeouts, 5xx, throttling) are retried with
 exponential backoff, a bounded number of times; everything else fails at once with a one-line
@@ -24,7 +26,7 @@ from typing import IO, Any, TypeVar
 
 import fsspec
 
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, first_line
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -211,17 +213,56 @@ def _bucket(url: str) -> str:
     return url.split("://", 1)[1].split("/", 1)[0] if _protocol(url) in ("s3", "s3a") else ""
 
 
+# What botocore's default credential chain reads, in its order (for the error message), and
+# the variables that change its answer (a found chain is remembered per their values).
+CREDENTIAL_CHAIN = (
+    "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, the shared credentials and config files "
+    "(AWS_SHARED_CREDENTIALS_FILE, AWS_CONFIG_FILE, AWS_PROFILE), web identity/IRSA "
+    "(AWS_WEB_IDENTITY_TOKEN_FILE, AWS_ROLE_ARN), container and instance roles"
+)
+_CHAIN_ENV = (
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_EC2_METADATA_DISABLED",
+)
+_chain_found: set[tuple] = set()
+
+
+def _check_credential_chain(url: str) -> None:
+    """Raise unless botocore's default credential chain resolves credentials. s3fs then
+    resolves them itself, so temporary ones (IRSA, instance roles) keep being refreshed."""
+    env = tuple(os.environ.get(k) for k in _CHAIN_ENV)
+    if env in _chain_found:
+        return
+    import botocore.session
+
+    try:
+        found = botocore.session.Session().get_credentials() is not None
+    except Exception as e:  # a missing profile, a partial or unreadable credential source
+        raise StorageError(
+            f"{url}: the AWS credential chain failed ({type(e).__name__}: {first_line(e, 200)})"
+        ) from None
+    if not found:
+        raise StorageError(f"{url}: no S3 credentials found (tried {CREDENTIAL_CHAIN})")
+    _chain_found.add(env)
+
+
 def _s3_options(url: str, options: dict) -> dict:
     opts = dict(options)
     if not opts.get("anon"):
         key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-        if not key or not secret:
-            raise StorageError(
-                f"{url}: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set in the environment"
-            )
-        opts.update(key=key, secret=secret)
-        if os.environ.get("AWS_SESSION_TOKEN"):
-            opts["token"] = os.environ["AWS_SESSION_TOKEN"]
+        if key and secret:
+            opts.update(key=key, secret=secret)
+            if os.environ.get("AWS_SESSION_TOKEN"):
+                opts["token"] = os.environ["AWS_SESSION_TOKEN"]
+        else:
+            _check_credential_chain(url)
     client = dict(opts.pop("client_kwargs", {}))
     if os.environ.get("AWS_ENDPOINT_URL"):
         client["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
@@ -246,7 +287,8 @@ def get_fs(url: str, storage_options: dict | None = None) -> tuple[Any, str]:
 
     Raises:
         ConfigError: ``storage_options`` holds a credential.
-        StorageError: an unsupported scheme, or S3 credentials missing from the environment.
+        StorageError: an unsupported scheme, or no S3 credentials in the environment or
+            the AWS credential chain.
     """
     check_url(url)
     options = dict(storage_options or {})
