@@ -41,6 +41,8 @@ class IngestConfig(Checked):
     seed: int = 0
     workers: Annotated[int, Range(ge=1)] = 2
     shuffle: bool = True  # shuffle sample order (by seed) before sharding, so shards mix classes
+    max_pixels: Annotated[int, Range(ge=1)] = 2**26  # larger images: skipped as decompression bombs
+    max_bad_files: Annotated[int, Range(ge=0)] = 1000  # per split; more ends the ingest
     storage_options: dict = field(default_factory=dict)  # non-secret fsspec options only
 
     def __post_init__(self):

@@ -14,20 +14,25 @@ import hashlib
 import io
 import logging
 import os
+import struct
 import sys
 import tarfile
+import warnings
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from pipeline import storage
 from pipeline.data import WORKER_PRELOAD
 from pipeline.data.config import IngestConfig
+from pipeline.data.errors import DataError
 from pipeline.data.manifest import MANIFEST, Manifest, ShardInfo, try_read_manifest, write_manifest
-from pipeline.data.sources import open_source
+from pipeline.data.sources import EmptyFile, open_source
+from pipeline.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +53,44 @@ class Encoded:
     pixel_sumsq: list[float]
 
 
+@dataclass
+class Skipped:
+    """A source file that could not become a sample, and why (counted, never fatal alone)."""
+
+    key: str
+    reason: str  # empty | not_an_image | truncated | decompression_bomb | unreadable
+    detail: str
+    name: str  # the source file (or archive member)
+
+
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit grayscale -> 8-bit L, scaled (x / 257), not clipped at 255 as ``convert`` does."""
+    a = np.asarray(image).astype(np.float64)
+    return Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), "L")
+
+
+def _flatten_alpha(image: Image.Image) -> Image.Image:
+    """RGBA/LA/palette-with-transparency over a white background (transparent is not black)."""
+    rgba = image.convert("RGBA")
+    out = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    out.alpha_composite(rgba)
+    return out.convert("RGB")
+
+
 def prepare(image: Image.Image, size: int, mode: str) -> Image.Image:
-    """Convert mode (``""`` keeps L/RGB) and, if ``size``, resize the short side + center crop."""
-    target = mode or ("L" if image.mode in ("L", "LA", "1", "I;16", "I", "F") else "RGB")
+    """Convert mode (``""`` keeps L/RGB) and, if ``size``, resize the short side + center crop.
+
+    16-bit grayscale is scaled to 8 bits; transparency is flattened onto white; CMYK, palette
+    and other modes convert to RGB (or L when the source is grayscale).
+    """
+    if image.mode in _SIXTEEN_BIT:
+        image = _to_8bit(image)
+    elif image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = _flatten_alpha(image)
+    target = mode or ("L" if image.mode in ("L", "1", "F") else "RGB")
     if image.mode != target:
         image = image.convert(target)
     if size and image.size != (size, size):
@@ -82,10 +122,38 @@ def _init(source, config: IngestConfig, environ: dict | None = None) -> None:
     _WORKER = (source, config)
 
 
-def _encode_one(job: tuple[str, int, str]) -> Encoded:
+def load_checked(source, split: str, i: int, key: str, max_pixels: int):
+    """``source.load`` decoded in full and upright (EXIF orientation), or :class:`Skipped`."""
+    name = source.name_of(split, i) if hasattr(source, "name_of") else key
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image, label = source.load(split, i)
+            w, h = image.size
+            if w * h > max_pixels:  # from the header, before decompressing
+                return Skipped(
+                    key, "decompression_bomb", f"{w}x{h} > max_pixels={max_pixels}", name
+                )
+            image.load()
+            return ImageOps.exif_transpose(image), label
+    except EmptyFile:
+        return Skipped(key, "empty", "0 bytes", name)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return Skipped(key, "decompression_bomb", first_line(e), name)
+    except UnidentifiedImageError as e:
+        return Skipped(key, "not_an_image", first_line(e), name)
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError) as e:
+        reason = "truncated" if "truncat" in str(e).lower() else "unreadable"
+        return Skipped(key, reason, f"{type(e).__name__}: {first_line(e)}", name)
+
+
+def _encode_one(job: tuple[str, int, str]) -> Encoded | Skipped:
     split, i, key = job
     source, config = _WORKER
-    image, label = source.load(split, i)
+    loaded = load_checked(source, split, i, key, config.max_pixels)
+    if isinstance(loaded, Skipped):
+        return loaded
+    image, label = loaded
     image = prepare(image, config.image_size, config.mode)
     pixels = np.asarray(image, dtype=np.float64).reshape(image.size[1], image.size[0], -1) / 255
     return Encoded(
@@ -165,7 +233,7 @@ class ShardWriter:
 
 def fingerprint(config: IngestConfig, split: str) -> dict:
     """The config values that determine a split's shards (not where or how fast)."""
-    skip = {"output_url", "workers", "storage_options"}
+    skip = {"output_url", "workers", "storage_options", "max_bad_files"}
     return {"split": split, **{k: v for k, v in asdict(config).items() if k not in skip}}
 
 
@@ -182,6 +250,7 @@ class IngestStats:
 
     def __init__(self):
         self.count, self.pixels, self.sizes, self.modes = 0, 0, set(), set()
+        self.skipped: Counter = Counter()  # reason -> files
         self.sum: np.ndarray | float = 0.0
         self.sumsq: np.ndarray | float = 0.0
 
@@ -211,7 +280,15 @@ class IngestStats:
             "std": [round(float(s), 6) for s in std],
             "encoding": encoding,
             "classes": classes,
+            "skipped": dict(sorted(self.skipped.items())),
         }
+
+    def skipped_text(self) -> str:
+        """``"; skipped 3 files (empty 1, truncated 2)"``, or ``""``."""
+        if not self.skipped:
+            return ""
+        parts = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items()))
+        return f"; skipped {sum(self.skipped.values())} files ({parts})"
 
 
 def _stale(split_url: str, keep: set[str], storage_options: dict) -> list[str]:
@@ -250,6 +327,16 @@ def ingest_split(source, split: str, config: IngestConfig, pool, progress: bool)
     for e in tqdm(
         results, total=len(jobs), desc=f"ingest {split}", unit="img", disable=not progress
     ):
+        if isinstance(e, Skipped):
+            stats.skipped[e.reason] += 1
+            log.warning("skipped %s (%s): %s", e.name, e.reason, e.detail)
+            if sum(stats.skipped.values()) > config.max_bad_files:
+                raise DataError(
+                    f"{config.source_path or config.source}: more than "
+                    f"ingest.max_bad_files={config.max_bad_files} unreadable files in {split}"
+                    f"{stats.skipped_text()}; last: {e.name}: {e.detail}"
+                )
+            continue
         writer.add(e)
         stats.add(e)
     shards = writer.close()
@@ -263,7 +350,11 @@ def ingest_split(source, split: str, config: IngestConfig, pool, progress: bool)
     write_manifest(manifest, split_url, config.storage_options)
     for name in _stale(split_url, {s.name for s in shards}, config.storage_options):
         storage.remove(storage.join(split_url, name), config.storage_options)
-    _say(progress, f"wrote {split_url}: {manifest.count} samples in {len(shards)} shards")
+    _say(
+        progress,
+        f"wrote {split_url}: {manifest.count} samples in {len(shards)} shards"
+        f"{stats.skipped_text()}",
+    )
     return manifest
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 from pipeline.data.config import IngestConfig
 from pipeline.data.errors import DataError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",
     "Trouser",
@@ -150,6 +150,10 @@ def _labels(paths: list[str]) -> tuple[list[int], list[str]]:
     return [index[p[0]] if len(p) > 1 else -1 for p in parts], classes
 
 
+class EmptyFile(ValueError):
+    """A zero-byte image file."""
+
+
 class _Listed:
     """A source over a sorted list of image names, split by ``test_fraction``."""
 
@@ -163,7 +167,14 @@ class _Listed:
 
     def load(self, split: str, i: int) -> tuple[Image.Image, int]:
         j = self.index[split][i]
-        return Image.open(io.BytesIO(self.read(self.names[j]))), self.labels[j]
+        data = self.read(self.names[j])
+        if not data:
+            raise EmptyFile(self.names[j])
+        return Image.open(io.BytesIO(data)), self.labels[j]
+
+    def name_of(self, split: str, i: int) -> str:
+        """Where sample ``i`` of ``split`` comes from, for messages."""
+        return f"{self.where}/{self.names[self.index[split][i]]}"
 
     def read(self, name: str) -> bytes:
         raise NotImplementedError
@@ -174,14 +185,17 @@ class ImageFolder(_Listed):
 
     def __init__(self, config: IngestConfig):
         self.root = Path(config.source_path)
+        self.where = str(self.root)
         if not self.root.is_dir():
             raise DataError(f"{self.root}: not a folder")
-        names = [
-            str(Path(d, f).relative_to(self.root).as_posix())
-            for d, _, files in os.walk(self.root)
-            for f in files
-            if f.lower().endswith(IMAGE_EXTENSIONS)
-        ]
+        names = []
+        for d, dirs, files in os.walk(self.root):
+            dirs[:] = [x for x in dirs if not x.startswith(".")]  # .git, .DS_Store folders, ...
+            names += [
+                Path(d, f).relative_to(self.root).as_posix()
+                for f in files
+                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+            ]
         super().__init__(names, config)
 
     def read(self, name: str) -> bytes:
@@ -204,6 +218,7 @@ class ImageArchive(_Listed):
 
     def __init__(self, config: IngestConfig):
         self.path = config.source_path
+        self.where = self.path
         if not Path(self.path).is_file():
             raise DataError(f"{self.path}: no such archive")
         self.is_zip = zipfile.is_zipfile(self.path)
@@ -218,7 +233,12 @@ class ImageArchive(_Listed):
             raise DataError(f"{self.path}: not a readable tar or zip archive ({e})") from None
         for name in members:
             check_member_name(self.path, name)
-        names = [posixpath.normpath(m) for m in members if m.lower().endswith(IMAGE_EXTENSIONS)]
+        names = [
+            posixpath.normpath(m)
+            for m in members
+            if m.lower().endswith(IMAGE_EXTENSIONS)
+            and not any(part.startswith(".") for part in posixpath.normpath(m).split("/"))
+        ]
         self._member = {posixpath.normpath(m): m for m in members}
         self._handle = None
         super().__init__(names, config)
