@@ -33,7 +33,15 @@ from pipeline.data.config import IngestConfig, StreamConfig
 from pipeline.data.ingest import ingest
 from pipeline.data.shards import tar_samples
 from pipeline.data.stream import ShardStream, make_loader
-from pipeline.data.transforms import batched, collate, decode, decode_image, fill_bad, pipeline
+from pipeline.data.transforms import (
+    batched,
+    collate,
+    decode,
+    decode_image,
+    fill_bad,
+    normalize,
+    pipeline,
+)
 
 
 def timed_epoch(batches) -> tuple[float, float]:
@@ -63,6 +71,7 @@ def memory_run(samples: list[dict], size: int, channels: int, batch_size: int):
             lambda s: batched(s, batch_size),
             lambda s: fill_bad(s, shape=shape),
             lambda s: collate(s),
+            lambda s: ({**b, "image": normalize(b["image"])} for b in s),  # as the loader does
         ]
         usable = samples[: len(samples) // batch_size * batch_size]
         return (len(b["key"]) for b in pipeline(iter(usable), stages))

@@ -41,7 +41,15 @@ from pipeline.data.errors import BadDataError, DataError
 from pipeline.data.manifest import Manifest, read_manifest
 from pipeline.data.plan import EpochPlan, Split, round_robin
 from pipeline.data.shards import ShardReader
-from pipeline.data.transforms import batched, collate, decode, fill_bad, pipeline, stage
+from pipeline.data.transforms import (
+    batched,
+    collate,
+    decode,
+    fill_bad,
+    normalize,
+    pipeline,
+    stage,
+)
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -61,8 +69,8 @@ def _env_int(name: str, default: int) -> int:
 class ShardStream(IterableDataset):
     """One rank's batches of one split, as an ``IterableDataset`` of ready batches.
 
-    Each batch is a dict: ``image`` float32 ``(B, C, H, W)`` scaled per ``config.normalize``
-    (``unit``: [0, 1]), ``label`` int64 ``(B,)`` (-1: none), ``key`` list of B sample keys,
+    Each batch is a dict: ``image`` uint8 ``(B, C, H, W)`` (:func:`make_loader` hands it on as
+    float32 scaled per ``config.normalize``, ``unit``: [0, 1]), ``label`` int64 ``(B,)`` (-1: none), ``key`` list of B sample keys,
     ``pad`` bool ``(B,)`` (True: a repeat filling a bad sample or the padded remainder) and
     ``skipped`` (what this batch lost). Iterate it through :func:`make_loader`.
 
@@ -249,6 +257,10 @@ class ShardStream(IterableDataset):
             if i % self.world_size == self.rank:
                 self._bad.update({str(k): int(v) for k, v in counts.items()})
 
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 batch images -> float32 per ``config.normalize``, on their device."""
+        return normalize(images, self.config.normalize, self.mean, self.std)
+
     def stats(self) -> dict:
         """This rank's counters for the current epoch (remainder counts are global)."""
         split = self._split()
@@ -342,7 +354,7 @@ class ShardStream(IterableDataset):
             ),
             stage(batched, batch_size=self.batch_size),
             stage(fill_bad, shape=(self.channels, *self.image_hw)),
-            stage(collate, mean=self.mean, std=self.std, scale=c.normalize),
+            stage(collate),
         ]
         try:
             yield from pipeline(self._raw(plan, work, reader), stages)
@@ -381,10 +393,20 @@ class ShardStream(IterableDataset):
 
 
 class StreamLoader:
-    """A DataLoader over a :class:`ShardStream` that counts batches for ``state_dict``."""
+    """A DataLoader over a :class:`ShardStream` that counts batches for ``state_dict``.
 
-    def __init__(self, stream: ShardStream, num_workers: int, **loader_kwargs):
-        self.stream, self.num_workers = stream, num_workers
+    Batches cross from the loader workers as uint8; each is moved to ``device`` (if given)
+    and scaled there per ``config.normalize``, so ``image`` arrives as float32.
+    """
+
+    def __init__(
+        self,
+        stream: ShardStream,
+        num_workers: int,
+        device: torch.device | str | None = None,
+        **loader_kwargs,
+    ):
+        self.stream, self.num_workers, self.device = stream, num_workers, device
         stream.num_workers = num_workers
         self.loader = DataLoader(
             stream,
@@ -396,14 +418,22 @@ class StreamLoader:
 
     def __iter__(self) -> Iterator[dict]:
         if self.num_workers == 0:  # the stream counts in-process itself
-            yield from self.loader
+            for batch in self.loader:
+                yield self._scaled(batch)
             return
         self.stream._begin(self.num_workers)
         for batch in self.loader:
             batch["label"] = torch.as_tensor(batch["label"])  # numpy from the workers
             batch["pad"] = torch.as_tensor(batch["pad"])
             self.stream._record(batch)
-            yield batch
+            yield self._scaled(batch)
+
+    def _scaled(self, batch: dict) -> dict:
+        images = batch["image"]
+        if self.device is not None:
+            images = images.to(self.device, non_blocking=True)
+        batch["image"] = self.stream.normalize(images)
+        return batch
 
     def __len__(self) -> int:
         return len(self.stream)
@@ -444,8 +474,10 @@ def make_loader(
     num_workers: int | None = None,
     pin_memory: bool = False,
     prefetch_factor: int | None = 2,
+    device: torch.device | str | None = None,
 ) -> StreamLoader:
-    """The DataLoader for ``stream`` (``num_workers`` default: the stream's).
+    """The DataLoader for ``stream`` (``num_workers`` default: the stream's); batches arrive
+    as float32 on ``device`` (default: where they were made, the CPU).
 
     Iterate it for batches; ``set_epoch``, ``state_dict``, ``load_state_dict`` and ``stats``
     pass through to the stream. Workers start from a forkserver (see
@@ -461,4 +493,4 @@ def make_loader(
             "multiprocessing_context": storage.process_context(WORKER_PRELOAD),
             "worker_init_fn": partial(worker_init, dict(os.environ)),
         }
-    return StreamLoader(stream, workers, pin_memory=pin_memory, **kwargs)
+    return StreamLoader(stream, workers, device=device, pin_memory=pin_memory, **kwargs)

@@ -176,31 +176,39 @@ def fill_bad(batches: Iterable[list[dict]], *, shape: tuple[int, int, int]) -> I
         yield {"items": out, "skipped": skipped}
 
 
-def collate(
-    batches: Iterable[dict],
-    *,
-    mean: list[float] | None = None,
-    std: list[float] | None = None,
-    scale: str = "unit",
-) -> Iterator[dict]:
-    """:func:`fill_bad` batches -> ``{"image": float (B, C, H, W), "label": int64 (B,),
+def collate(batches: Iterable[dict]) -> Iterator[dict]:
+    """:func:`fill_bad` batches -> ``{"image": uint8 (B, C, H, W), "label": int64 (B,),
     "key": list[str], "pad": bool (B,), "skipped": list[dict]}``.
 
-    ``scale``: ``unit`` -> [0, 1]; ``symmetric`` -> [-1, 1]; ``standard`` -> (x - mean) / std.
+    Images stay uint8 so a batch crosses from a loader worker at a quarter of float32's bytes;
+    the consumer scales them with :func:`normalize` (on its device).
     """
     for filled in batches:
         batch = filled["items"]
-        images = torch.from_numpy(np.stack([x["image"] for x in batch])).float().div_(255)
-        if scale == "symmetric":
-            images = images.mul_(2).sub_(1)
-        elif scale == "standard":
-            m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-            s = torch.tensor(std, dtype=torch.float32).clamp_min(1e-6).view(1, -1, 1, 1)
-            images = images.sub_(m).div_(s)
         yield {
-            "image": images,
+            "image": torch.from_numpy(np.stack([x["image"] for x in batch])),
             "label": torch.tensor([x["label"] for x in batch], dtype=torch.int64),
             "key": [x["key"] for x in batch],
             "pad": torch.tensor([bool(x["pad"]) for x in batch]),
             "skipped": filled["skipped"],
         }
+
+
+def normalize(
+    images: torch.Tensor,
+    scale: str = "unit",
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+) -> torch.Tensor:
+    """uint8 ``(B, C, H, W)`` -> float32 on the same device.
+
+    ``scale``: ``unit`` -> [0, 1]; ``symmetric`` -> [-1, 1]; ``standard`` -> (x - mean) / std.
+    """
+    x = images.float().div_(255)
+    if scale == "symmetric":
+        return x.mul_(2).sub_(1)
+    if scale == "standard":
+        m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32, device=x.device).clamp_min(1e-6)
+        return x.sub_(m).div_(s.view(1, -1, 1, 1))
+    return x
