@@ -325,9 +325,9 @@ def test_head_runs_drivers_where_the_image_keeps_the_job_yamls():
 # ---------------------------------------------------------------------------- jobs
 
 
-def test_rayjob_runs_train_yaml_entrypoint_on_the_raycluster():
+def test_rayjob_runs_train_gpu_yaml_entrypoint_on_the_raycluster():
     job = one("RayJob")
-    assert job["spec"]["entrypoint"] == job_yaml("train.yaml")["entrypoint"]
+    assert job["spec"]["entrypoint"] == job_yaml("train-gpu.yaml")["entrypoint"]
     rc = one("RayCluster")
     assert job["spec"]["clusterSelector"] == {"ray.io/cluster": rc["metadata"]["name"]}
     assert not job["spec"].get("shutdownAfterJobFinishes"), "the cluster is shared"
@@ -349,7 +349,9 @@ def _config_values(tree) -> set[str]:
     return {v for _, v in walk(tree) if isinstance(v, str) and len(v) > 3}
 
 
-@pytest.mark.parametrize("kind,job_file", [("RayJob", "train.yaml"), ("CronJob", "sample.yaml")])
+@pytest.mark.parametrize(
+    "kind,job_file", [("RayJob", "train-gpu.yaml"), ("CronJob", "sample.yaml")]
+)
 def test_jobs_repeat_nothing_from_the_job_yaml(kind, job_file):
     spec = job_yaml(job_file)
     doc = one(kind)
