@@ -73,7 +73,7 @@ class TrackingConfig(Checked):
     alias: str = "candidate"
     metrics_port: Annotated[
         int, Range(ge=-1, le=65535, note="a port, 0: pick a free one, -1: none")
-    ] = 0  # 0: pick a free port per worker; -1: no Prometheus endpoint
+    ] = 0  # N: local rank r serves N + r (a range per node); 0: a free port; -1: none
     metrics_host: str = "127.0.0.1"  # on a cluster: 0.0.0.0 with a fixed metrics_port
     metrics_sd_dir: str = ".stack/prometheus/targets"  # file_sd targets for the stack's Prometheus
 

@@ -1,11 +1,14 @@
-"""Prometheus metrics of one training worker, on 127.0.0.1, discovered through file_sd.
+"""Prometheus metrics of one training worker.
 
-Each worker serves its own registry and writes ``{sd_dir}/{run}-rank{r}.json`` so the
-stack's Prometheus (``file_sd_configs``) finds it; the file is removed on close.
+Each worker serves its own registry on ``tracking.metrics_host``: 127.0.0.1 and a free port
+in the local stack, where it writes ``{sd_dir}/{run}-rank{r}.json`` so the stack's Prometheus
+(``file_sd_configs``) finds it (the file is removed on close); on a cluster 0.0.0.0 and a
+fixed port (the pod's ``vae-metrics`` port, found by ``kubernetes_sd``).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -62,14 +65,14 @@ class WorkerMetrics:
         self.port = None
         self.sd_file: Path | None = None
         if port >= 0:
-            self.server, _ = start_http_server(port, addr=host, registry=self.registry)
+            self.server = serve(port, host, self.registry)
             self.port = self.server.server_port
             if sd_dir:
                 self.sd_file = Path(sd_dir) / f"{run}-rank{rank}.json"
                 self.sd_file.parent.mkdir(parents=True, exist_ok=True)
                 target = [
                     {
-                        "targets": [f"{host}:{self.port}"],
+                        "targets": [f"{reachable(host)}:{self.port}"],
                         "labels": {
                             "job": "vae-train",
                             "run": run,
@@ -92,3 +95,22 @@ class WorkerMetrics:
             self.server.shutdown()
             self.server.server_close()
             self.port = None
+
+
+def serve(port: int, host: str, registry: CollectorRegistry, wait: float = 10.0):
+    """Start the HTTP endpoint. A fixed port still held by this node's previous worker (a
+    restarted attempt) is retried for ``wait`` seconds before the error is raised."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            server, _ = start_http_server(port, addr=host, registry=registry)
+            return server
+        except OSError as e:
+            if port == 0 or e.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise OSError(e.errno, f"metrics endpoint {host}:{port}: {e.strerror}") from e
+            time.sleep(0.5)
+
+
+def reachable(host: str) -> str:
+    """The address a scraper uses for a server bound to ``host`` (a wildcard: this node)."""
+    return socket.gethostname() if host in ("", "0.0.0.0", "::") else host

@@ -1,0 +1,83 @@
+"""The worker's Prometheus endpoint as configured: host and port from ``tracking``, local rank
+r on ``metrics_port + r``, a fixed port still held by a previous worker retried, a wildcard
+bind announced under a name other hosts can reach."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import urllib.request
+
+import pytest
+
+from pipeline.train.config import TrainJob
+from pipeline.train.loop import open_metrics
+from pipeline.train.metrics import WorkerMetrics
+from pipeline.typed import build
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def job(**tracking) -> TrainJob:
+    return build(TrainJob, {"data": {"train_url": "s3://b/train"}, "tracking": tracking})
+
+
+def test_local_ranks_serve_consecutive_ports_from_the_configured_base(tmp_path):
+    base = free_port()
+    cfg = job(metrics_port=base, metrics_host="127.0.0.1", metrics_sd_dir=str(tmp_path))
+    m0, m1 = open_metrics(cfg, rank=4, local_rank=0), open_metrics(cfg, rank=5, local_rank=1)
+    try:
+        assert (m0.port, m1.port) == (base, base + 1)
+        m1.step.set(7)
+        assert 'vae_train_step{rank="5",run="vae"} 7.0' in scrape(base + 1)
+        (target,) = json.loads((tmp_path / "vae-rank5.json").read_text())
+        assert target["targets"] == [f"127.0.0.1:{base + 1}"]
+    finally:
+        m0.close()
+        m1.close()
+    assert not list(tmp_path.iterdir())
+
+
+def test_wildcard_bind_announces_the_host_name(tmp_path):
+    port = free_port()
+    m = WorkerMetrics("run", 0, port, str(tmp_path), host="0.0.0.0")
+    try:
+        assert m.port == port
+        assert "vae_train_images_total" in scrape(port)
+        (target,) = json.loads((tmp_path / "run-rank0.json").read_text())
+        assert target["targets"] == [f"{socket.gethostname()}:{port}"]
+    finally:
+        m.close()
+
+
+def test_a_fixed_port_held_by_the_previous_worker_is_retried():
+    port = free_port()
+    old = WorkerMetrics("run", 0, port)
+    threading.Timer(1.0, old.close).start()  # the previous attempt's process lets go
+    new = WorkerMetrics("run", 0, port)
+    try:
+        assert new.port == port and "vae_train_loss" in scrape(port)
+    finally:
+        new.close()
+
+
+def test_a_port_held_for_good_fails_naming_the_endpoint():
+    import pipeline.train.metrics as metrics
+
+    port = free_port()
+    holder = WorkerMetrics("run", 0, port)
+    try:
+        with pytest.raises(OSError, match=f"metrics endpoint 127.0.0.1:{port}: "):
+            metrics.serve(port, "127.0.0.1", holder.registry, wait=0.6)
+    finally:
+        holder.close()
