@@ -48,7 +48,8 @@ def _load(path: str, kind: str | None = None):
 
 
 def _stack_env() -> None:
-    """Client settings of a running local stack (``make up``), unless the env already has them."""
+    """Client settings of the local stack (``make up``, in ``$PIPELINE_STACK_DIR``, default
+    ``.stack``) while it runs, unless the env already has them; a stopped stack's are ignored."""
     try:
         from pipeline.stack import load_stack_env
     except ImportError:  # pragma: no cover - stack module optional on clusters

@@ -21,7 +21,7 @@ from pipeline.serve.config import SampleJob
 from pipeline.train.config import TrainJob
 from pipeline.typed import build
 
-__all__ = ["JOB_KINDS", "JobSpec", "load_job", "parse_job"]
+__all__ = ["JOB_KINDS", "JobSpec", "StrictLoader", "load_job", "parse_job"]
 
 JOB_KINDS: dict[str, type] = {"train": TrainJob, "sample": SampleJob, "ingest": IngestJob}
 
@@ -38,6 +38,42 @@ class JobSpec:
 
 
 _RUNTIME_ENV_KEYS = {"working_dir", "excludes", "env_vars", "pip", "py_modules", "config"}
+_MERGE_TAG = "tag:yaml.org,2002:merge"  # `<<: *anchor`: overriding merged keys is the point
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml's SafeLoader, except that a key given twice in one mapping is a
+    :class:`ConfigError` naming the dotted key and both lines (yaml keeps the last silently).
+
+    The check walks the composed node graph before any collection is constructed: merging
+    (``<<: *anchor``) rewrites mappings in place, and overriding a merged key is allowed.
+    """
+
+    def construct_document(self, node):
+        self.check_keys(node, "", set())
+        return super().construct_document(node)
+
+    def check_keys(self, node, path: str, visited: set[int]) -> None:
+        if id(node) in visited:  # an alias: checked where its anchor is
+            return
+        visited.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, child in enumerate(node.value):
+                self.check_keys(child, f"{path}[{i}]", visited)
+        if not isinstance(node, yaml.MappingNode):
+            return
+        lines: dict = {}  # key -> line it first appears on
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
+                continue
+            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+            dotted = f"{path}.{key_node.value}" if path else key_node.value  # as written
+            if key in lines:
+                raise ConfigError(
+                    dotted, f"line {line}: duplicate key (first on line {lines[key]})"
+                )
+            lines[key] = line
+            self.check_keys(value_node, dotted, visited)
 
 
 def load_job(path: str | Path) -> JobSpec:
@@ -49,8 +85,17 @@ def load_job(path: str | Path) -> JobSpec:
         raise ConfigError("", "file not found", path) from None
     except OSError as e:
         raise ConfigError("", f"cannot read: {e.strerror}", path) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            "", f"not a text yaml file ({e.reason} at byte {e.start})", path
+        ) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=StrictLoader)
+    except ConfigError as e:
+        raise e.within(file=path) from None
+    except yaml.reader.ReaderError as e:  # valid UTF-8, but control characters: binary
+        what = f"unacceptable character #x{e.character:04x} at position {e.position}"
+        raise ConfigError("", f"not a text yaml file ({what})", path) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 from pipeline.errors import ConfigError
+from pipeline.storage import check_url
 from pipeline.train.config import TrackingConfig
 from pipeline.typed import Checked, Range
 
@@ -40,6 +41,9 @@ class SampleConfig(Checked):
         super().__post_init__()
         if not self.output_url:
             raise ConfigError("output_url", "must be a URL or path for the gallery")
+        for key in ("output_url", "checkpoint_url", "data_url"):
+            if getattr(self, key):
+                check_url(getattr(self, key), key)
         if not self.temperatures or any(t <= 0 for t in self.temperatures):
             raise ConfigError(
                 "temperatures", f"must be a non-empty list of numbers > 0, got {self.temperatures}"

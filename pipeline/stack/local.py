@@ -209,8 +209,19 @@ def services(state_dir: str | Path = DEFAULT_STATE_DIR) -> list[Service]:
 
 def down(state_dir: str | Path = DEFAULT_STATE_DIR) -> list[tuple[str, list[int]]]:
     """Stop the stack's processes (reverse start order); returns ``(service, stopped PIDs)``.
-    Data, credentials and the env files stay."""
-    return [(svc.name, svc.stop()) for svc in reversed(services(state_dir))]
+    Data and credentials stay; the client settings (``{state_dir}/env``) go with the
+    services they point at."""
+    stopped = [(svc.name, svc.stop()) for svc in reversed(services(state_dir))]
+    (Path(state_dir) / "env").unlink(missing_ok=True)
+    return stopped
+
+
+def running(state_dir: str | Path = DEFAULT_STATE_DIR) -> bool:
+    """Whether any service of the stack in ``state_dir`` has a live process (by its pid
+    record: the same PID and start time), healthy or not."""
+    if not (Path(state_dir) / "pids").is_dir():
+        return False
+    return any(svc.running() for svc in services(state_dir))
 
 
 def status(state_dir: str | Path = DEFAULT_STATE_DIR) -> list[tuple[str, str, bool]]:
@@ -228,11 +239,15 @@ def format_status(rows: list[tuple[str, str, bool]]) -> str:
 def load_stack_env(state_dir: str | Path = DEFAULT_STATE_DIR) -> list[str]:
     """Set, for each variable not already in ``os.environ``, its value from
     ``{state_dir}/credentials.env`` and ``{state_dir}/env``. Returns the names set (never
-    values: they include secrets). A missing stack folder sets nothing.
+    values: they include secrets). A missing stack folder, or one whose services are not
+    :func:`running` (stopped, crashed, the host rebooted), sets nothing: its addresses are
+    dead.
 
     Call it before ``import ray``: Ray reads ``RAY_AUTH_MODE``/the token and
     ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once, at import."""
     state = Path(state_dir)
+    if not running(state):
+        return []
     pairs = {**read_env_file(state / "credentials.env"), **read_env_file(state / "env")}
     added = [k for k in pairs if k not in os.environ]
     for key in added:

@@ -31,6 +31,8 @@ import promql_parser
 import pytest
 import yaml
 
+from tests.helpers import require
+
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "infra" / "k8s"
 DASHBOARD = ROOT / "infra" / "grafana" / "vae-training-dashboard.json"
@@ -146,8 +148,8 @@ def test_kustomization_references_existing_files_in_one_namespace():
     assert images <= used, f"images: entries nothing uses: {images - used}"
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) not installed")
 def test_kustomize_build_renders_valid_objects():
+    require(shutil.which("kubectl"), "kubectl (kustomize) not installed")
     out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True,
                          timeout=60, check=False)
     assert out.returncode == 0, out.stderr

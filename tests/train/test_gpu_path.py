@@ -17,6 +17,7 @@ from pipeline.train.config import TrainJob
 from pipeline.train.loop import RunState, start_run
 from pipeline.train.step import Objective, noise_seed, train_step
 from pipeline.typed import build
+from tests.helpers import require
 
 BATCH = 8
 
@@ -140,8 +141,8 @@ def test_fresh_start_on_a_moved_model(data_url):
     assert run.step == 0 and run.noise.device == torch.device("cpu")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-only: no GPU on this machine")
 def test_restore_onto_the_gpu(data_url, tmp_path):  # pragma: no cover - needs a GPU
+    require(torch.cuda.is_available(), "CUDA-only: no GPU on this machine", gpu=True)
     job = make_job(data_url)
     trained_checkpoint(job, tmp_path / "ckpt", steps=2)
     model, run = start_run(
