@@ -3,8 +3,16 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# GPU hosts: make install TORCH_SPEC='torch==2.13.0' (or any CUDA build) before the project.
-TORCH_SPEC ?= torch==2.13.0
+# Locked install (requirements/lock-$(TORCH).txt, every package pinned with hashes; `make lock`
+# regenerates both). TORCH=cpu: the CPU wheel from TORCH_CPU_WHEELS; GPU hosts: TORCH=cuda.
+TORCH ?= cpu
+TORCH_VERSION := 2.13.0
+TORCH_CPU_WHEELS ?= /opt/wheels
+LOCK := requirements/lock-$(TORCH).txt
+UV_VERSION := 0.13.9
+ifeq ($(filter $(TORCH),cpu cuda),)
+$(error TORCH=$(TORCH): use TORCH=cpu (default) or TORCH=cuda)
+endif
 PYTEST_ARGS ?=
 
 .PHONY: install test test-fast lint up down status demo bench bench-quality clean help
@@ -12,18 +20,43 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo   - install, start the local stack, ingest Fashion-MNIST, train (2 workers), sample"
 	@echo "make test   - install and run the full test suite (real S3, MLflow, Ray, Prometheus)"
+	@echo "make install [TORCH=cuda] - the locked venv (requirements/lock-cpu.txt, or -cuda on GPU hosts)"
+	@echo "make lock   - regenerate requirements/lock-{cpu,cuda}.txt from pyproject.toml"
 	@echo "make up / make down / make status - the local stack"
 	@echo "make bench  - benchmarks; results in bench/results.json and README"
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml infra/local/fetch_debs.sh
+# The stamp holds the TORCH it was made for: switching cpu <-> cuda reinstalls.
+ifneq ($(shell cat $(VENV)/.installed 2>/dev/null),$(TORCH))
+$(VENV)/.installed: FORCE
+endif
+$(VENV)/.installed: pyproject.toml $(LOCK) infra/local/fetch_debs.sh infra/local/check_install.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	@# pip counts an installed 2.13.0+cpu as torch==2.13.0: drop torch when the build changes.
+	if [ -f $@ ] && [ "$$(cat $@)" != $(TORCH) ]; then $(BIN)/python -m pip uninstall -q -y torch; fi
+	$(BIN)/python -m pip install -q --require-hashes --no-deps \
+		$(if $(filter cpu,$(TORCH)),--find-links $(TORCH_CPU_WHEELS)) -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
+	$(BIN)/python infra/local/check_install.py $(TORCH) $(LOCK)
 	bash infra/local/fetch_debs.sh .cache/debs
-	touch $@
+	echo $(TORCH) > $@
+
+FORCE:
+
+# Regenerate both locks from pyproject.toml (CPython 3.11, Linux x86_64) with uv; needs PyPI, and
+# for the CPU lock the torch $(TORCH_VERSION)+cpu wheel in TORCH_CPU_WHEELS (a folder or an index page).
+UV := .cache/uv/bin/uv
+UV_COMPILE := $(UV) pip compile pyproject.toml - --extra dev --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --generate-hashes --custom-compile-command 'make lock' -q
+
+.PHONY: lock
+lock:
+	test -x $(UV) || { $(PYTHON) -m venv .cache/uv && .cache/uv/bin/python -m pip install -q uv==$(UV_VERSION); }
+	mkdir -p requirements
+	printf 'torch==$(TORCH_VERSION)+cpu\npip\n' | $(UV_COMPILE) --find-links $(TORCH_CPU_WHEELS) -o requirements/lock-cpu.txt
+	printf 'torch==$(TORCH_VERSION)\npip\n' | $(UV_COMPILE) -o requirements/lock-cuda.txt
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
