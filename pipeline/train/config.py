@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pipeline.data.config import StreamConfig
 from pipeline.errors import ConfigError
@@ -30,6 +30,9 @@ class ScalingConfig(Checked):
         3  # e.g. a node that never returns: fail, don't hang
     )
     num_to_keep: Annotated[int, Range(ge=1)] = 2
+    # A rank that does not reach a collective (all-reduce, gather) within this many seconds
+    # ends the attempt (NCCL/gloo timeout), and Ray restarts it from the last checkpoint.
+    collective_timeout_s: Annotated[int, Range(ge=1)] = 600
 
     def __post_init__(self):
         super().__post_init__()
@@ -52,7 +55,9 @@ class OptimConfig(Checked):
     kl_warmup_steps: Annotated[int, Range(ge=0)] = 0
     free_bits: Annotated[float, Range(ge=0)] = 0.0  # nats per latent group
     ema_decay: Annotated[float, Range(ge=0, lt=1)] = 0.0  # 0: no EMA weights
-    bf16: bool = False  # autocast on GPU; optional on CPU
+    # auto: bf16 autocast on a CUDA device that has it, fp32 elsewhere; fp16: with loss scaling
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False  # torch.compile the encoder and decoder
     max_skipped_steps: Annotated[int, Range(ge=0)] = 20
     checkpoint_every: Annotated[int, Range(ge=0)] = 200  # steps; 0: only at epoch end
     log_every: Annotated[int, Range(ge=1)] = 20
@@ -76,6 +81,8 @@ class TrackingConfig(Checked):
     ] = 0  # N: local rank r serves N + r (a range per node); 0: a free port; -1: none
     metrics_host: str = "127.0.0.1"  # on a cluster: 0.0.0.0 with a fixed metrics_port
     metrics_sd_dir: str = ".stack/prometheus/targets"  # file_sd targets for the stack's Prometheus
+    # MLflow system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) of rank 0's node
+    system_metrics_interval: Annotated[float, Range(ge=0, note="seconds, 0: off")] = 10.0
 
     def resolved(self) -> TrackingConfig:
         """This config with ``mlflow_uri`` filled from ``MLFLOW_TRACKING_URI`` if empty."""

@@ -26,7 +26,15 @@ from pipeline.train.tracking import (
 )
 from pipeline.typed import to_dict
 
-__all__ = ["TrainResult", "ray_address", "register_model", "run_training", "storage_path"]
+__all__ = [
+    "TrainResult",
+    "ray_address",
+    "register_model",
+    "run_training",
+    "storage_path",
+    "torch_config",
+    "worker_env",
+]
 
 
 @dataclass
@@ -44,6 +52,23 @@ def ray_address(explicit: str | None = None) -> str | None:
         if addr and not addr.startswith(("http://", "https://")):
             return addr
     return None
+
+
+def torch_config(job: TrainJob):
+    """Ray Train's process-group settings: NCCL on GPUs, gloo on CPUs, and a collective
+    timeout, so a rank stuck in an all-reduce fails the attempt (Ray restarts it from the
+    last checkpoint) instead of hanging every rank."""
+    from ray.train.torch import TorchConfig
+
+    s = job.scaling
+    return TorchConfig(backend="nccl" if s.use_gpu else "gloo", timeout_s=s.collective_timeout_s)
+
+
+def worker_env(job: TrainJob, env_vars: dict[str, str] | None) -> dict[str, str]:
+    """The workers' environment variables: the job yaml's, and on GPUs NCCL's asynchronous
+    error handling (a failed or timed-out collective aborts the rank; the yaml may override)."""
+    nccl = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"} if job.scaling.use_gpu else {}
+    return {**nccl, **(env_vars or {})}
 
 
 def _mlflow_run(spec: RunSpec) -> str:
@@ -104,7 +129,8 @@ def run_training(
         # The job yaml's env_vars reach the workers the same way under `pipeline submit`,
         # `ray job submit` and a KubeRay RayJob.
         # Under `ray job submit` they are already in this driver's env (and job runtime env).
-        env_vars = {k: v for k, v in (env_vars or {}).items() if os.environ.get(k) != v}
+        env = worker_env(job, env_vars)
+        env_vars = {k: v for k, v in env.items() if os.environ.get(k) != v}
         ray.init(
             address=ray_address(address),
             log_to_driver=True,
@@ -134,6 +160,7 @@ def run_training(
                 max_failures=s.max_failures, controller_failure_limit=s.controller_failure_limit
             ),
         ),
+        torch_config=torch_config(job),
     )
     try:
         result = trainer.fit()

@@ -28,7 +28,15 @@ from pipeline.train import checkpoint, fatal, faults
 from pipeline.train.config import OptimConfig, TrainJob
 from pipeline.train.metrics import WorkerMetrics
 from pipeline.train.progress import Progress
-from pipeline.train.step import BadSamples, Objective, SkipBudget, noise_seed, train_step
+from pipeline.train.step import (
+    BadSamples,
+    Objective,
+    Precision,
+    SkipBudget,
+    noise_seed,
+    prepare_layout,
+    train_step,
+)
 from pipeline.train.tracking import RunSpec, Tracker, mlflow_wait, storage_path
 from pipeline.typed import build, to_dict
 
@@ -76,6 +84,7 @@ class RunState:
     run_id: str
     test_stream: ShardStream | None = None  # rank 0's held-out split, when there is one
     noise: torch.Generator | None = None  # reparameterization noise, on the model's device
+    precision: Precision | None = None  # autocast (fp16: and its loss scaler) on that device
     step: int = 0
     epoch: int = 0
 
@@ -89,6 +98,7 @@ class RunState:
         total = o.max_steps or len(stream) * o.epochs
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.warmup_steps, total))
         ema = copy.deepcopy(vae).requires_grad_(False) if o.ema_decay > 0 else None
+        device = next(vae.parameters()).device
         test = None
         if rank == 0 and job.data.test_url:
             test = ShardStream(
@@ -107,7 +117,8 @@ class RunState:
             BadSamples(),
             run_id,
             test,
-            torch.Generator(device=next(vae.parameters()).device),
+            torch.Generator(device=device),
+            Precision.resolve(o.precision, device),
         )
 
     @property
@@ -191,11 +202,15 @@ def start_run(
     run_id: str,
     ckpt: ray.train.Checkpoint | None,
     prepare: Callable[[torch.nn.Module], torch.nn.Module],
+    device: torch.device | None = None,
 ) -> tuple[torch.nn.Module, RunState]:
     """The model on its device first (``prepare``: Ray's ``prepare_model``, DDP), then the
     run state built on it and restored from ``ckpt``: the EMA copy, the optimizer state and
-    the noise generator follow the parameters' device and dtype. Returns (model, run)."""
-    vae = VAE.from_config(job.model)
+    the noise generator follow the parameters' device and dtype. ``device`` (default CPU)
+    chooses the model's layout (channels_last on CUDA; ``optim.compile``). Returns (model, run)."""
+    vae = prepare_layout(
+        VAE.from_config(job.model), device or torch.device("cpu"), job.optim.compile
+    )
     model = prepare(Objective(vae))
     run = RunState.create(job, vae, rank, world, run_id)
     run.restore(ckpt)
@@ -225,6 +240,7 @@ def train_loop(loop_config: dict) -> None:
     # [1] Prepare and wrap the model (DDP), first: EMA and optimizer state follow its device.
     # [2] Restore the run (weights, optimizer, counters, data position) or start it.
     # "" run id: MLflow was down when the driver started; the tracker finds the run later.
+    device = ray.train.torch.get_device()  # this rank's GPU, or the CPU
     model, run = start_run(
         job,
         rank,
@@ -232,17 +248,18 @@ def train_loop(loop_config: dict) -> None:
         loop_config["mlflow_run_id"],
         ray.train.get_checkpoint(),
         ray.train.torch.prepare_model,
+        device,
     )
-    device = next(run.vae.parameters()).device
     tracker = Tracker(RunSpec(**loop_config["mlflow_run"]), run.run_id) if rank == 0 else None
     metrics = open_metrics(job, rank, ctx.get_local_rank())
     progress = Progress(metrics, world, run.total_steps)
     try:
         while not run.done():
             progress.fetching()
-            for batch in make_loader(run.stream):  # [3] Prepare the data: this rank's batches
+            # [3] Prepare the data: this rank's batches, pinned and scaled on its device
+            for batch in make_loader(run.stream, pin_memory=device.type == "cuda", device=device):
                 progress.ready()
-                x = batch["image"].to(device, non_blocking=True)
+                x = batch["image"]
                 metrics.bad_samples.inc(run.bad.add(batch["skipped"]))
                 faults.record_keys(rank, run.epoch, run.step + 1, batch["key"])
                 beta = optim.kl_weight * kl_warmup(run.step, optim.kl_warmup_steps)
@@ -255,7 +272,7 @@ def train_loop(loop_config: dict) -> None:
                     kl_weight=beta,
                     free_bits=optim.free_bits,
                     grad_clip=optim.grad_clip,
-                    bf16=optim.bf16,
+                    precision=run.precision,
                     ema=run.ema,
                     ema_decay=optim.ema_decay,
                     inject=partial(faults.corrupt_loss, run.step + 1, rank),

@@ -7,7 +7,9 @@ logged once: the run's step axis has no gaps and no repeats.
 MLflow may be down when training starts: the driver waits a bounded time
 (``PIPELINE_MLFLOW_WAIT`` seconds) for it, then trains anyway with an empty run id. The
 Tracker creates (or finds) the run the first time MLflow answers, from the :class:`RunSpec`
-the driver handed down, and flushes everything buffered since step 1.
+the driver handed down, and flushes everything buffered since step 1. Once attached, it
+also samples MLflow's system metrics (``system/...``: CPU, memory, disk, network, and GPU
+utilization and memory where NVML is present) of its node into the run.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class RunSpec:
     run_name: str
     tags: dict[str, str] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
+    system_metrics_interval: float = 10.0  # seconds; 0: no system metrics
 
     @classmethod
     def from_job(cls, job: TrainJob) -> RunSpec:
@@ -85,6 +88,7 @@ class RunSpec:
             job.scaling.name,
             {RUN_TAG: job.scaling.name, STORE_TAG: store},
             config_params(job),
+            job.tracking.system_metrics_interval,
         )
 
 
@@ -170,6 +174,7 @@ class Tracker:
         # logged again, so the step axis never repeats. Learnt at the first flush that works.
         self.logged_through = -1
         self._synced = False
+        self.system: Any = None  # mlflow's SystemMetricsMonitor once attached; False: unavailable
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -201,6 +206,27 @@ class Tracker:
         self._metrics = [m for m in self._metrics if m.step > self.logged_through]
         self._images = [i for i in self._images if i[2] > self.logged_through]
         self._synced = True
+        self._start_system_metrics()
+
+    def _start_system_metrics(self) -> None:
+        """Sample this node's system metrics into the run (a daemon thread that ends with the
+        run or the process); continues the ``system/`` step axis after a resume."""
+        interval = self.spec.system_metrics_interval
+        if self.system is not None or interval <= 0:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.system = SystemMetricsMonitor(
+                self.run_id,
+                sampling_interval=interval,
+                resume_logging=True,
+                tracking_uri=self.spec.uri,
+            )
+            self.system.start()
+        except Exception as e:  # e.g. psutil missing: tracking must not stop training
+            self.system = False
+            print(f"warning: no MLflow system metrics ({type(e).__name__}: {e})", flush=True)
 
     def flush(self, wait: float = 0.0) -> bool:
         """Send everything buffered; with ``wait``, keep trying that many seconds.

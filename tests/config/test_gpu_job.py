@@ -108,3 +108,11 @@ def test_local_job_keeps_metrics_on_loopback():
     tracking = load_job(ROOT / "jobs" / "train.yaml").config.tracking
     assert ipaddress.ip_address(tracking.metrics_host).is_loopback
     assert tracking.metrics_port == 0  # a free port per worker, announced through file_sd
+
+
+def test_gpu_job_performance_settings():
+    spec = load_job(GPU_JOB)
+    o, s = spec.config.optim, spec.config.scaling
+    assert o.precision == "auto" and not o.compile  # bf16 on the GPU, fp16 only when asked
+    assert 0 < s.collective_timeout_s <= 1800
+    assert spec.runtime_env["env_vars"]["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"

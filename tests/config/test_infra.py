@@ -687,6 +687,6 @@ def test_cluster_doc_gives_the_commands_that_match_these_files():
                     "kubectl apply -k infra/k8s", "ray up infra/ray/cluster-aws.yaml",
                     "ray job submit --address", "--working-dir .",
                     job_yaml("train.yaml")["entrypoint"], "docker build -f infra/docker/Dockerfile",
-                    "optim.bf16: true"):
+                    "optim.precision: auto"):
         assert command in text, f"docs/CLUSTER.md lacks {command!r}"
     assert "<decode img/s per core from make bench>" in text
