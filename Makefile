@@ -15,7 +15,7 @@ $(error TORCH=$(TORCH): use TORCH=cpu (default) or TORCH=cuda)
 endif
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint up down status demo bench bench-quality clean help
+.PHONY: install test test-fast lint up down status demo bench bench-quality gpu-check clean help
 
 help:
 	@echo "make demo   - install, start the local stack, ingest Fashion-MNIST, train (2 workers), sample"
@@ -24,6 +24,7 @@ help:
 	@echo "make lock   - regenerate requirements/lock-{cpu,cuda}.txt from pyproject.toml"
 	@echo "make up / make down / make status - the local stack"
 	@echo "make bench  - benchmarks; results in bench/results.json and README"
+	@echo "make gpu-check - the GPU path end to end (<= 8 min on one GPU; on CPU, CUDA-only checks skipped)"
 
 install: $(VENV)/.installed
 
@@ -81,6 +82,11 @@ demo: install
 
 bench: install
 	$(BIN)/python -m bench.run
+
+# 1-worker train with EMA + bf16, SIGKILL and resume, eval and gallery on the device; its own
+# S3, MLflow and Ray head on 127.0.0.1. One PASS/FAIL line per check; CI runs it on CPU.
+gpu-check: install
+	$(BIN)/python -m bench.gpu_check
 
 # The model-quality table (issue 4): 5 variants x 20 CPU-min side by side, ~60 min on 2 cores.
 bench-quality: install

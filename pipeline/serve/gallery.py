@@ -41,7 +41,8 @@ def config_hash(s: SampleConfig) -> str:
 def make_gallery(
     m: LoadedModel, s: SampleConfig, held_out: torch.Tensor | None
 ) -> dict[str, bytes]:
-    """All grids as PNG bytes, keyed by file name. Deterministic for a given seed."""
+    """All grids as PNG bytes, keyed by file name. Deterministic for a given seed (the noise
+    is drawn on the CPU; the model and ``held_out`` may be on a GPU)."""
     vae, n = m.vae, s.grid_rows * s.grid_cols
     g = torch.Generator().manual_seed(s.seed)
     out: dict[str, bytes] = {}
@@ -59,7 +60,8 @@ def make_gallery(
     if s.interpolation_pairs and len(x) >= 2:
         k = min(s.interpolation_pairs, len(x) // 2)
         a, b = mu[:k], mu[k : 2 * k]
-        w = torch.linspace(0, 1, s.interpolation_steps).view(1, -1, *([1] * (mu.dim() - 1)))
+        w = torch.linspace(0, 1, s.interpolation_steps, device=mu.device)
+        w = w.view(1, -1, *([1] * (mu.dim() - 1)))
         z = a.unsqueeze(1) * (1 - w) + b.unsqueeze(1) * w  # (k, steps, *latent)
         imgs = vae.likelihood.mean(vae.decode(z.flatten(0, 1))).clamp(0, 1)
         out["interpolations.png"] = png_bytes(grid(imgs, s.interpolation_steps))
@@ -67,7 +69,9 @@ def make_gallery(
         kl = post.kl_per_unit().flatten(1).mean(0)  # nats per latent unit
         dims = kl.argsort(descending=True)[: s.traversal_dims]
         base = mu[:1].flatten(1).repeat(len(dims) * s.traversal_steps, 1)
-        vals = torch.linspace(-s.traversal_range, s.traversal_range, s.traversal_steps)
+        vals = torch.linspace(
+            -s.traversal_range, s.traversal_range, s.traversal_steps, device=mu.device
+        )
         for i, d in enumerate(dims):
             base[i * s.traversal_steps : (i + 1) * s.traversal_steps, d] = vals
         imgs = vae.likelihood.mean(vae.decode(base.view(-1, *mu.shape[1:]))).clamp(0, 1)
@@ -127,7 +131,10 @@ def run_sample(job: SampleJob, if_new_version: bool = False) -> str | None:
 
         generate(m, s, storage.join(url, "samples"))
     t0 = time.perf_counter()
-    files = make_gallery(m, s, _held_out(s, m.model_config))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    m.vae.to(device)
+    held_out = _held_out(s, m.model_config)
+    files = make_gallery(m, s, None if held_out is None else held_out.to(device))
     files["index.html"] = index_html(m, [f for f in files if f.endswith(".png")], s)
     written: list[str] = []
     try:
@@ -153,7 +160,7 @@ def run_sample(job: SampleJob, if_new_version: bool = False) -> str | None:
         "seconds": round(time.perf_counter() - t0, 3),
     }
     storage.put_atomic(storage.join(url, MARKER), json.dumps(marker, indent=1).encode())
-    print(f"gallery written: {url}/index.html")
+    print(f"gallery written: {url}/index.html (drawn on {device.type})")
     return url
 
 

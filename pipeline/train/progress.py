@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from pipeline.train.metrics import WorkerMetrics
 from pipeline.train.step import BadSamples, StepResult
 
@@ -80,6 +82,8 @@ class Progress:
             "kl_weight": kl_weight,
             "epoch": epoch,
         }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # this rank's GPU
+            row["gpu_memory_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         self._reset()
         return row
 
