@@ -63,7 +63,7 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not services and not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check pipeline tests bench

@@ -1,6 +1,9 @@
 """Session fixtures that run REAL services on 127.0.0.1 (no mocks), started lazily: a test
 that does not ask for Ray never starts Ray. Every fixture stops exactly the processes it
-started (pipeline.services.Service.stop), also when the session is interrupted.
+started (pipeline.stack.Service.stop), also when the session is interrupted. A test that
+uses one of them, directly or through another fixture, is marked ``services``
+(``make test-fast`` deselects those); a test that starts servers itself says so with
+``@pytest.mark.services``.
 
     s3              SeaweedFS: .endpoint_url .access_key .secret_key .env .make_bucket(name)
     s3_env          (function) os.environ patched with s3.env; returns s3
@@ -11,6 +14,11 @@ started (pipeline.services.Service.stop), also when the session is interrupted.
     ray_env         (function) ray_cluster, shutting down a driver the test left connected
     prometheus      Prometheus scraping {.targets_dir}/*.json every 1s: .url .query(expr)
     prometheus_bin  path of the prometheus binary, or skip (fail under CI=true)
+    fmnist_url      (session) tests.helpers.N_TRAIN Fashion-MNIST train and test images as
+                    128-sample shards on s3
+    ray_session     (function) ray_session(**env_vars) does ray.init against ray_cluster
+                    with those worker env vars and PIPELINE_RECORD_KEYS_DIR=tmp_path;
+                    returns tmp_path
 """
 
 from __future__ import annotations
@@ -35,7 +43,11 @@ os.environ["PIPELINE_STACK_DIR"] = str(
 )
 
 from pipeline import stack  # noqa: E402
-from tests.helpers import require  # noqa: E402
+from tests.helpers import N_TRAIN, patched_environ, require  # noqa: E402
+
+# The fixtures that start a server; item.fixturenames is the closure of what a test uses, so
+# fixtures built on these (s3_env, ray_env, fmnist_url, ...) and the tests' own count too.
+SERVICE_FIXTURES = frozenset({"s3", "mlflow_server", "ray_cluster", "prometheus"})
 
 _started: list[stack.Service] = []
 
@@ -45,11 +57,17 @@ def _interrupt(signum, frame):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long end-to-end tests (CI runs them)")
     # SIGTERM (e.g. `timeout`, CI cancel) would end pytest without teardown; as an interrupt,
     # pytest still runs the finalizers that stop the services
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _interrupt)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SERVICE_FIXTURES.intersection(item.fixturenames):
+            item.add_marker(pytest.mark.services)
 
 
 def _stop_all() -> None:
@@ -88,10 +106,13 @@ def services_dir():
 def s3(services_dir):
     import secrets
 
-    yield from _run(stack.SeaweedFS(
-        services_dir, access_key="TEST" + secrets.token_hex(8).upper(),
-        secret_key=secrets.token_hex(20),
-    ))  # fmt: skip
+    yield from _run(
+        stack.SeaweedFS(
+            services_dir,
+            access_key="TEST" + secrets.token_hex(8).upper(),
+            secret_key=secrets.token_hex(20),
+        )
+    )
 
 
 @pytest.fixture
@@ -143,8 +164,7 @@ def ray_cluster(s3, services_dir):
     import ray
     import ray._private.ray_constants as ray_constants
 
-    head = stack.RayHead(services_dir, num_cpus=4, env=s3.env,
-                            object_store_memory=512 * 2**20)  # fmt: skip
+    head = stack.RayHead(services_dir, num_cpus=4, env=s3.env, object_store_memory=512 * 2**20)
     env = pytest.MonkeyPatch()
     for h in _run(head):
         for key, value in h.client_env.items():
@@ -184,3 +204,35 @@ def prometheus_bin():
 @pytest.fixture(scope="session")
 def prometheus(prometheus_bin, services_dir):
     yield from _run(stack.Prometheus(services_dir, scrape_interval="1s"))
+
+
+@pytest.fixture(scope="session")
+def fmnist_url(s3):
+    from pipeline.data.config import IngestConfig
+    from pipeline.data.ingest import ingest
+
+    with patched_environ(s3.env):
+        url = s3.make_bucket("train-data") + "/fmnist"
+        ingest(
+            IngestConfig(
+                output_url=url,
+                source="fashion_mnist",
+                limit=N_TRAIN,
+                shard_samples=128,
+                workers=2,
+            ),
+            progress=False,
+        )
+    return url
+
+
+@pytest.fixture
+def ray_session(ray_env, s3_env, tmp_path):
+    import ray
+
+    def init(**env_vars):
+        env_vars = {"PIPELINE_RECORD_KEYS_DIR": str(tmp_path), **env_vars}
+        ray.init(address=ray_env.address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+        return tmp_path
+
+    return init

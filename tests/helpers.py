@@ -1,19 +1,39 @@
-"""Small helpers shared by the service tests.
+"""Builders shared by the tests; nothing here starts a server.
 
-ROOT                    the repository
+ROOT, FIXTURES          the repository; tests/fixtures
 wait_for                poll a predicate with a deadline
 require                 skip a test whose tool is missing; under CI=true, fail it instead
+patched_environ         os.environ patched for a block (fixtures wider than a function)
+png, gray_png, bomb_png image bytes: an array, a flat square, a decompression bomb
+tar_bytes               a shard: (name, bytes) members per sample, in one tar
+listening               the (ip, port) LISTEN sockets of a service's processes
+N_TRAIN, BATCH, make_job  the Ray Train job the ``fmnist_url`` fixture's data is cut for
+read_keys, keys_by_step   the sample keys workers record (PIPELINE_RECORD_KEYS_DIR)
+metric_history, experiment_runs  what a run left in MLflow
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import struct
+import tarfile
 import time
+import zlib
+from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
+
+from pipeline import stack
+from pipeline.train.config import TrainJob
+from pipeline.typed import build
 
 ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
 LOOPBACK_IPS = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
 
@@ -38,3 +58,163 @@ def require(condition, reason: str, gpu: bool = False) -> None:
     if os.environ.get("CI") == "true" and (not gpu or os.environ.get("CI_GPU") == "true"):
         pytest.fail(f"{reason} (CI=true: a missing requirement fails, it does not skip)")
     pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def patched_environ(env: dict[str, str]):
+    """``os.environ`` updated with ``env`` inside the block and restored after it: for module
+    and session fixtures, which cannot use ``monkeypatch``."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# ------------------------------------------------------------------------- images, shards
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def gray_png(value: int, size: int) -> bytes:
+    """A ``size`` x ``size`` grayscale PNG, every pixel ``value``."""
+    return png(np.full((size, size), value, np.uint8))
+
+
+def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A 60-byte PNG whose header claims 10^10 pixels (Pillow's DecompressionBombError)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def tar_bytes(samples: list[list[tuple[str, bytes]]], format: int = tarfile.USTAR_FORMAT) -> bytes:
+    """A tar of regular members, one ``[(name, data), ...]`` list per sample, in order."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=format) as tar:
+        for members in samples:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------- services
+
+
+def listening(svc: stack.Service) -> set[tuple[str, int]]:
+    """(ip, port) of every LISTEN socket held by ``svc``'s processes."""
+    found = set()
+    for proc in svc.processes():
+        try:
+            conns = proc.net_connections(kind="inet")
+        except stack.psutil().Error:
+            continue
+        found |= {(c.laddr.ip, c.laddr.port) for c in conns if c.status == "LISTEN"}
+    return found
+
+
+# ------------------------------------------------------------------------ training runs
+
+N_TRAIN = 1024  # Fashion-MNIST train (and test) images in the fmnist_url fixture
+BATCH = 32
+
+
+def make_job(fmnist_url, mlflow_server, storage, name, workers, sd_dir="", **optim) -> TrainJob:
+    """A small bernoulli VAE on ``fmnist_url``, 2 epochs, tracked in ``mlflow_server``."""
+    o = dict(
+        epochs=2,
+        batch_size=BATCH,
+        lr=3e-3,
+        warmup_steps=4,
+        checkpoint_every=8,
+        log_every=4,
+        eval_batches=2,
+        iwae_k=8,
+        iwae_images=16,
+    )
+    o.update(optim)
+    return build(
+        TrainJob,
+        {
+            "data": {
+                "train_url": f"{fmnist_url}/train",
+                "test_url": f"{fmnist_url}/test",
+                "num_workers": 0,
+                "shuffle_buffer": 64,
+                "binarize": True,  # bernoulli: dynamic binarization of the 8-bit images
+            },
+            "model": {
+                "image_size": 28,
+                "in_channels": 1,
+                "channels": [8, 16],
+                "latent_dim": 8,
+                "likelihood": "bernoulli",
+            },
+            "optim": o,
+            "scaling": {
+                "num_workers": workers,
+                "storage_path": storage,
+                "name": name,
+                "max_failures": 2,
+                "num_to_keep": 2,
+            },
+            "tracking": {
+                "mlflow_uri": mlflow_server.uri,
+                "experiment": f"test-{name}",
+                "registered_model": f"test-{name}",
+                "metrics_sd_dir": sd_dir,
+            },
+        },
+    )
+
+
+def read_keys(keys_dir: Path) -> dict[int, list[tuple[int, int, str]]]:
+    """rank -> [(epoch, step, key)] in the order the rank consumed them (all attempts)."""
+    out = {}
+    for f in sorted(keys_dir.glob("rank*.txt")):
+        rows = [line.split() for line in f.read_text().splitlines()]
+        out[int(f.stem.removeprefix("rank"))] = [(int(e), int(s), k) for e, s, k in rows]
+    return out
+
+
+def keys_by_step(rows: list[tuple[int, int, str]]) -> dict[tuple[int, int], list[str]]:
+    """(epoch, step) -> keys, in consumption order, from one rank's :func:`read_keys` rows."""
+    out = defaultdict(list)
+    for e, s, k in rows:
+        out[(e, s)].append(k)
+    return out
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """Every logged (step, value) of ``key``, sorted."""
+    from mlflow.tracking import MlflowClient
+
+    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def experiment_runs(uri: str, experiment: str) -> list:
+    """The runs of ``experiment``; none if it does not exist."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []

@@ -39,6 +39,16 @@ from pipeline.stack import (
     wait_gone,
 )
 from pipeline.stack.ray_head import make_temp_dir, node_environment
+from tests.helpers import ROOT
+
+# The node's launcher runs :func:`main` in a fresh interpreter whose cwd is an empty run dir
+# and whose sys.path lacks the repository (only ``pipeline`` is installed): put the
+# repository on its sys.path alone, not on PYTHONPATH, which every process of the node would
+# inherit.
+LAUNCH = (
+    f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+    "from tests.ray_node import main; sys.exit(main())"
+)
 
 
 class RayWorkerNode(Service):
@@ -57,19 +67,34 @@ class RayWorkerNode(Service):
     start_timeout = 90.0
     stop_timeout = 8.0
 
-    def __init__(self, state_dir, head: RayHead, *, num_cpus: int = 1,
-                 env: dict[str, str] | None = None, name: str = "ray-worker",
-                 resources: dict[str, float] | None = None,
-                 object_store_memory: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        state_dir,
+        head: RayHead,
+        *,
+        num_cpus: int = 1,
+        env: dict[str, str] | None = None,
+        name: str = "ray-worker",
+        resources: dict[str, float] | None = None,
+        object_store_memory: int | None = None,
+    ):
         self.name = name
         super().__init__(state_dir)
         self.head, self.num_cpus = head, num_cpus
         self.extra_env, self.resources = dict(env or {}), dict(resources or {})
         self.object_store_memory = object_store_memory
         # fixed across restarts, as on a real machine
-        self.port_map = {flag: free_port() for flag in (
-            "node-manager-port", "object-manager-port", "runtime-env-agent-port",
-            "dashboard-agent-grpc-port", "dashboard-agent-listen-port", "metrics-export-port")}
+        self.port_map = {
+            flag: free_port()
+            for flag in (
+                "node-manager-port",
+                "object-manager-port",
+                "runtime-env-agent-port",
+                "dashboard-agent-grpc-port",
+                "dashboard-agent-listen-port",
+                "metrics-export-port",
+            )
+        }
         self.ports = tuple(self.port_map.values())
         self.temp_dir = self.state_dir / name
 
@@ -87,12 +112,18 @@ class RayWorkerNode(Service):
 
     def command(self) -> list:
         cmd = [
-            sys.executable, "-m", "tests.ray_node", "start",
-            f"--address={self.head.address}", "--block",
-            f"--node-ip-address={LOOPBACK}", f"--num-cpus={self.num_cpus}",
-            f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+            sys.executable,
+            "-c",
+            LAUNCH,
+            "start",
+            f"--address={self.head.address}",
+            "--block",
+            f"--node-ip-address={LOOPBACK}",
+            f"--num-cpus={self.num_cpus}",
+            f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
             *(f"--{flag}={port}" for flag, port in self.port_map.items()),
-        ]  # fmt: skip
+        ]
         if self.resources:
             cmd.append(f"--resources={json.dumps(self.resources)}")
         if self.object_store_memory:
@@ -115,10 +146,17 @@ class RayWorkerNode(Service):
         node_id = node_id or self.node_id()
         if not node_id:
             return None
-        query = urllib.parse.urlencode({"filter_keys": "node_id", "filter_predicates": "=",
-                                        "filter_values": node_id, "detail": "true"})  # fmt: skip
-        req = urllib.request.Request(f"{self.head.dashboard_url}/api/v0/nodes?{query}",
-                                     headers=self.head.headers)  # fmt: skip
+        query = urllib.parse.urlencode(
+            {
+                "filter_keys": "node_id",
+                "filter_predicates": "=",
+                "filter_values": node_id,
+                "detail": "true",
+            }
+        )
+        req = urllib.request.Request(
+            f"{self.head.dashboard_url}/api/v0/nodes?{query}", headers=self.head.headers
+        )
         try:
             with urllib.request.urlopen(req, timeout=5) as r:
                 nodes = json.load(r)["data"]["result"]["result"]

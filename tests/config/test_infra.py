@@ -31,9 +31,8 @@ import promql_parser
 import pytest
 import yaml
 
-from tests.helpers import require
+from tests.helpers import ROOT, require
 
-ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "infra" / "k8s"
 DASHBOARD = ROOT / "infra" / "grafana" / "vae-training-dashboard.json"
 RAY_UP = ROOT / "infra" / "ray" / "cluster-aws.yaml"
@@ -44,16 +43,31 @@ NAMESPACE = "vae"
 
 # The training workers' Prometheus series (pipeline/train/metrics.py), labels run and rank.
 WORKER_METRICS = {
-    "vae_train_images_per_second", "vae_train_loss", "vae_train_bits_per_dim",
-    "vae_train_data_wait_fraction", "vae_train_step", "vae_train_images_total",
-    "vae_train_skipped_steps_total", "vae_train_bad_samples_total", "vae_train_step_seconds",
-    "vae_train_data_wait_seconds", "vae_train_checkpoint_seconds",
+    "vae_train_images_per_second",
+    "vae_train_loss",
+    "vae_train_bits_per_dim",
+    "vae_train_data_wait_fraction",
+    "vae_train_step",
+    "vae_train_images_total",
+    "vae_train_skipped_steps_total",
+    "vae_train_bad_samples_total",
+    "vae_train_step_seconds",
+    "vae_train_data_wait_seconds",
+    "vae_train_checkpoint_seconds",
 }
-HISTOGRAMS = {"vae_train_step_seconds", "vae_train_data_wait_seconds",
-              "vae_train_checkpoint_seconds"}
+HISTOGRAMS = {
+    "vae_train_step_seconds",
+    "vae_train_data_wait_seconds",
+    "vae_train_checkpoint_seconds",
+}
 # Labels the KubeRay operator puts on every Ray pod (utils/constant.go).
-KUBERAY_POD_LABELS = {"ray.io/cluster", "ray.io/node-type", "ray.io/group", "ray.io/is-ray-node",
-                      "ray.io/identifier"}
+KUBERAY_POD_LABELS = {
+    "ray.io/cluster",
+    "ray.io/node-type",
+    "ray.io/group",
+    "ray.io/is-ray-node",
+    "ray.io/identifier",
+}
 
 # ---------------------------------------------------------------------------- loading
 
@@ -72,8 +86,11 @@ def manifests() -> list[tuple[str, dict]]:
 
 
 def one(kind: str, name: str | None = None) -> dict:
-    found = [d for _, d in manifests()
-             if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    found = [
+        d
+        for _, d in manifests()
+        if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
     assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
     return found[0]
 
@@ -150,8 +167,9 @@ def test_kustomization_references_existing_files_in_one_namespace():
 
 def test_kustomize_build_renders_valid_objects():
     require(shutil.which("kubectl"), "kubectl (kustomize) not installed")
-    out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True,
-                         timeout=60, check=False)
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=False
+    )
     assert out.returncode == 0, out.stderr
     rendered = [d for d in yaml.safe_load_all(out.stdout) if d]
     assert len(rendered) == len(manifests()) + len(generated_configmaps())
@@ -160,7 +178,8 @@ def test_kustomize_build_renders_valid_objects():
             assert doc["metadata"]["namespace"] == NAMESPACE, doc["metadata"]["name"]
         for c in containers(doc):
             assert c["image"] not in {i["name"] for i in kustomization()["images"]}, (
-                f"{doc['kind']}/{doc['metadata']['name']}: image {c['image']} not rewritten")
+                f"{doc['kind']}/{doc['metadata']['name']}: image {c['image']} not rewritten"
+            )
         if doc["apiVersion"] != "ray.io/v1":
             k8s_validate(doc)
 
@@ -169,8 +188,10 @@ def test_kustomize_build_renders_valid_objects():
 
 
 @pytest.mark.parametrize(
-    "name,doc", [(n, d) for n, d in manifests() if d["apiVersion"] != "ray.io/v1"],
-    ids=lambda v: v if isinstance(v, str) else f"{v['kind']}-{v['metadata']['name']}")
+    "name,doc",
+    [(n, d) for n, d in manifests() if d["apiVersion"] != "ray.io/v1"],
+    ids=lambda v: v if isinstance(v, str) else f"{v['kind']}-{v['metadata']['name']}",
+)
 def test_standard_objects_match_kubernetes_openapi(name, doc):
     k8s_validate(doc)
 
@@ -192,51 +213,99 @@ _MANAGED_BY = {"enum": ["ray.io/kuberay-operator", "kueue.x-k8s.io/multikueue"]}
 
 
 def _closed(required=(), **props):
-    return {"type": "object", "required": list(required), "additionalProperties": False,
-            "properties": props}
+    return {
+        "type": "object",
+        "required": list(required),
+        "additionalProperties": False,
+        "properties": props,
+    }
 
 
 # ray.io/v1 field names and enums from KubeRay's raycluster_types.go / rayjob_types.go.
 KUBERAY_V1 = {
     "$defs": {
         "head": _closed(
-            ["template"], template=_OBJ, headService=_OBJ, enableIngress={"type": "boolean"},
-            ingressOptions=_OBJ, resources=_STR_MAP, labels=_STR_MAP, rayStartParams=_STR_MAP,
-            serviceType={"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}),
+            ["template"],
+            template=_OBJ,
+            headService=_OBJ,
+            enableIngress={"type": "boolean"},
+            ingressOptions=_OBJ,
+            resources=_STR_MAP,
+            labels=_STR_MAP,
+            rayStartParams=_STR_MAP,
+            serviceType={"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
+        ),
         "worker": _closed(
             ["groupName", "template", "minReplicas", "maxReplicas"],
-            suspend={"type": "boolean"}, groupName={"type": "string", "minLength": 1},
-            replicas=_INT32, minReplicas=_INT32, maxReplicas=_INT32, idleTimeoutSeconds=_INT32,
-            priority=_INT32, resources=_STR_MAP, labels=_STR_MAP, rayStartParams=_STR_MAP,
-            template=_OBJ, scaleStrategy=_OBJ, numOfHosts=_INT32),
+            suspend={"type": "boolean"},
+            groupName={"type": "string", "minLength": 1},
+            replicas=_INT32,
+            minReplicas=_INT32,
+            maxReplicas=_INT32,
+            idleTimeoutSeconds=_INT32,
+            priority=_INT32,
+            resources=_STR_MAP,
+            labels=_STR_MAP,
+            rayStartParams=_STR_MAP,
+            template=_OBJ,
+            scaleStrategy=_OBJ,
+            numOfHosts=_INT32,
+        ),
         "cluster": _closed(
             ["headGroupSpec"],
             upgradeStrategy=_OBJ,
-            authOptions=_closed(mode={"enum": ["disabled", "token"]}, secretName={"type": "string"},
-                                enableK8sTokenAuth={"type": "boolean"}),
-            suspend={"type": "boolean"}, managedBy=_MANAGED_BY,
+            authOptions=_closed(
+                mode={"enum": ["disabled", "token"]},
+                secretName={"type": "string"},
+                enableK8sTokenAuth={"type": "boolean"},
+            ),
+            suspend={"type": "boolean"},
+            managedBy=_MANAGED_BY,
             autoscalerOptions=_closed(
-                resources=_OBJ, image={"type": "string"}, imagePullPolicy={"type": "string"},
-                securityContext=_OBJ, idleTimeoutSeconds=_INT32,
+                resources=_OBJ,
+                image={"type": "string"},
+                imagePullPolicy={"type": "string"},
+                securityContext=_OBJ,
+                idleTimeoutSeconds=_INT32,
                 upscalingMode={"enum": ["Default", "Aggressive", "Conservative"]},
-                version={"enum": ["v1", "v2"]}, env=_LIST, envFrom=_LIST, volumeMounts=_LIST,
-                command=_LIST, args=_LIST),
-            headServiceAnnotations=_STR_MAP, enableInTreeAutoscaling={"type": "boolean"},
-            gcsFaultToleranceOptions=_OBJ, historyServerOptions=_OBJ, networkPolicy=_OBJ,
-            tlsOptions=_OBJ, headGroupSpec={"$ref": "#/$defs/head"},
+                version={"enum": ["v1", "v2"]},
+                env=_LIST,
+                envFrom=_LIST,
+                volumeMounts=_LIST,
+                command=_LIST,
+                args=_LIST,
+            ),
+            headServiceAnnotations=_STR_MAP,
+            enableInTreeAutoscaling={"type": "boolean"},
+            gcsFaultToleranceOptions=_OBJ,
+            historyServerOptions=_OBJ,
+            networkPolicy=_OBJ,
+            tlsOptions=_OBJ,
+            headGroupSpec={"$ref": "#/$defs/head"},
             rayVersion={"type": "string", "pattern": r"^\d+\.\d+\.\d+$"},
-            workerGroupSpecs={"type": "array", "items": {"$ref": "#/$defs/worker"}}),
+            workerGroupSpecs={"type": "array", "items": {"$ref": "#/$defs/worker"}},
+        ),
         "job": _closed(
-            activeDeadlineSeconds=_INT32, backoffLimit=_INT32,
-            rayClusterSpec={"$ref": "#/$defs/cluster"}, submitterPodTemplate=_OBJ,
-            metadata=_STR_MAP, clusterSelector=_STR_MAP,
-            submitterConfig=_closed(backoffLimit=_INT32), managedBy=_MANAGED_BY,
-            deletionStrategy=_OBJ, entrypoint={"type": "string"},
-            runtimeEnvYAML={"type": "string"}, jobId={"type": "string"},
+            activeDeadlineSeconds=_INT32,
+            backoffLimit=_INT32,
+            rayClusterSpec={"$ref": "#/$defs/cluster"},
+            submitterPodTemplate=_OBJ,
+            metadata=_STR_MAP,
+            clusterSelector=_STR_MAP,
+            submitterConfig=_closed(backoffLimit=_INT32),
+            managedBy=_MANAGED_BY,
+            deletionStrategy=_OBJ,
+            entrypoint={"type": "string"},
+            runtimeEnvYAML={"type": "string"},
+            jobId={"type": "string"},
             submissionMode={"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
-            entrypointResources={"type": "string"}, entrypointNumCpus={"type": "number"},
-            entrypointNumGpus={"type": "number"}, ttlSecondsAfterFinished=_INT32,
-            shutdownAfterJobFinishes={"type": "boolean"}, suspend={"type": "boolean"}),
+            entrypointResources={"type": "string"},
+            entrypointNumCpus={"type": "number"},
+            entrypointNumGpus={"type": "number"},
+            ttlSecondsAfterFinished=_INT32,
+            shutdownAfterJobFinishes={"type": "boolean"},
+            suspend={"type": "boolean"},
+        ),
     },
 }
 KUBERAY_SPEC = {"RayCluster": "cluster", "RayJob": "job"}
@@ -244,21 +313,38 @@ KUBERAY_SPEC = {"RayCluster": "cluster", "RayJob": "job"}
 
 def kuberay_validate(doc: dict) -> None:
     assert doc["apiVersion"] == "ray.io/v1"
-    schema = {**KUBERAY_V1, **_closed(["apiVersion", "kind", "metadata", "spec"],
-                                      apiVersion={"const": "ray.io/v1"},
-                                      kind={"const": doc["kind"]}, metadata=_OBJ,
-                                      spec={"$ref": f"#/$defs/{KUBERAY_SPEC[doc['kind']]}"})}
+    schema = {
+        **KUBERAY_V1,
+        **_closed(
+            ["apiVersion", "kind", "metadata", "spec"],
+            apiVersion={"const": "ray.io/v1"},
+            kind={"const": doc["kind"]},
+            metadata=_OBJ,
+            spec={"$ref": f"#/$defs/{KUBERAY_SPEC[doc['kind']]}"},
+        ),
+    }
     jsonschema.Draft202012Validator(schema).validate(doc)
     # metadata is a core ObjectMeta; so is every pod template.
     k8s_validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc["metadata"]})
     spec = doc["spec"]
     specs = [spec, spec.get("rayClusterSpec")] if doc["kind"] == "RayJob" else [spec]
-    templates = [g["template"] for s in specs if s
-                 for g in [s.get("headGroupSpec"), *s.get("workerGroupSpecs", [])] if g]
+    templates = [
+        g["template"]
+        for s in specs
+        if s
+        for g in [s.get("headGroupSpec"), *s.get("workerGroupSpecs", [])]
+        if g
+    ]
     templates += [spec["submitterPodTemplate"]] if "submitterPodTemplate" in spec else []
     for t in templates:
-        k8s_validate({"apiVersion": "v1", "kind": "PodTemplate",
-                      "metadata": {"name": "template"}, "template": t})
+        k8s_validate(
+            {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": "template"},
+                "template": t,
+            }
+        )
 
 
 @pytest.mark.parametrize("kind", sorted(KUBERAY_SPEC))
@@ -296,7 +382,8 @@ def test_raycluster_shape_as_the_ray_autoscaler_reads_it():
     limits = worker["containers"][0]["resources"]["limits"]
     assert worker["containers"][0]["resources"]["requests"] == limits
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in (
-        worker["tolerations"])
+        worker["tolerations"]
+    )
 
 
 def test_raycluster_auth_token_and_service_accounts():
@@ -343,8 +430,10 @@ def test_cronjob_submits_sample_yaml_entrypoint_if_new_version():
     split = command.index("--")
     head_svc = f"http://{one('RayCluster')['metadata']['name']}-head-svc:8265"
     assert command[:3] == ["ray", "job", "submit"] and f"--address={head_svc}" in command[:split]
-    assert command[split + 1:] == [*shlex.split(job_yaml("sample.yaml")["entrypoint"]),
-                                   "--if-new-version"]
+    assert command[split + 1 :] == [
+        *shlex.split(job_yaml("sample.yaml")["entrypoint"]),
+        "--if-new-version",
+    ]
 
 
 def _config_values(tree) -> set[str]:
@@ -359,8 +448,13 @@ def test_jobs_repeat_nothing_from_the_job_yaml(kind, job_file):
     doc = one(kind)
     if kind == "RayJob":
         # The entrypoint only: no runtime env, cluster template, submitter or metadata copies.
-        assert set(doc["spec"]) <= {"entrypoint", "clusterSelector", "submissionMode",
-                                    "submitterConfig", "activeDeadlineSeconds"}
+        assert set(doc["spec"]) <= {
+            "entrypoint",
+            "clusterSelector",
+            "submissionMode",
+            "submitterConfig",
+            "activeDeadlineSeconds",
+        }
     env = [e for c in containers(doc) for e in c.get("env", [])]
     repeated_env = {e["name"] for e in env} & set(spec["runtime_env"].get("env_vars", {}))
     assert not repeated_env, f"{kind} repeats runtime_env.env_vars {repeated_env}"
@@ -391,7 +485,8 @@ def test_no_secret_values_in_any_manifest():
             for e in c.get("env", []):
                 if SECRET_NAME.search(e["name"]):
                     assert "valueFrom" in e and "value" not in e, (
-                        f"{doc['metadata']['name']}: {e['name']} must come from a Secret")
+                        f"{doc['metadata']['name']}: {e['name']} must come from a Secret"
+                    )
     ray_up = yaml.safe_load(RAY_UP.read_text())
     for _, v in walk(ray_up):
         if isinstance(v, str):
@@ -422,13 +517,15 @@ def test_every_referenced_secret_key_is_created_in_the_docs():
                     optional.add(ref["name"])
     for name, key in sorted(refs):
         assert key in documented.get(name, set()), (
-            f"docs/CLUSTER.md must create secret {name} with key {key}")
+            f"docs/CLUSTER.md must create secret {name} with key {key}"
+        )
     assert optional <= set(documented), f"document optional secrets {optional - set(documented)}"
 
 
 def test_configmap_references_resolve():
-    maps = {d["metadata"]["name"]: d.get("data", {})
-            for _, d in manifests() if d["kind"] == "ConfigMap"}
+    maps = {
+        d["metadata"]["name"]: d.get("data", {}) for _, d in manifests() if d["kind"] == "ConfigMap"
+    }
     maps.update(generated_configmaps())
     for _, doc in manifests():
         for c in containers(doc):
@@ -487,20 +584,53 @@ def test_mlflow_uses_postgres_s3_artifacts_and_basic_auth():
     svc = one("Service", "mlflow")
     assert tracking == f"http://{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}"
     host_header = urlsplit(tracking).netloc  # what in-cluster clients send
-    assert any(fnmatch.fnmatch(host_header, h) if "*" in h else h == host_header
-               for h in args["--allowed-hosts"].split(",")), f"{host_header} not allowed"
+    assert any(
+        fnmatch.fnmatch(host_header, h) if "*" in h else h == host_header
+        for h in args["--allowed-hosts"].split(",")
+    ), f"{host_header} not allowed"
 
 
 # ---------------------------------------------------------------------------- Prometheus
 
-SCRAPE_KEYS = {"job_name", "scrape_interval", "scrape_timeout", "metrics_path", "scheme",
-               "honor_labels", "kubernetes_sd_configs", "static_configs", "file_sd_configs",
-               "relabel_configs", "metric_relabel_configs", "params", "authorization",
-               "tls_config", "sample_limit"}
-RELABEL_KEYS = {"source_labels", "separator", "regex", "modulus", "target_label", "replacement",
-                "action"}
-RELABEL_ACTIONS = {"replace", "keep", "drop", "keepequal", "dropequal", "hashmod", "labelmap",
-                   "labeldrop", "labelkeep", "lowercase", "uppercase"}
+SCRAPE_KEYS = {
+    "job_name",
+    "scrape_interval",
+    "scrape_timeout",
+    "metrics_path",
+    "scheme",
+    "honor_labels",
+    "kubernetes_sd_configs",
+    "static_configs",
+    "file_sd_configs",
+    "relabel_configs",
+    "metric_relabel_configs",
+    "params",
+    "authorization",
+    "tls_config",
+    "sample_limit",
+}
+RELABEL_KEYS = {
+    "source_labels",
+    "separator",
+    "regex",
+    "modulus",
+    "target_label",
+    "replacement",
+    "action",
+}
+RELABEL_ACTIONS = {
+    "replace",
+    "keep",
+    "drop",
+    "keepequal",
+    "dropequal",
+    "hashmod",
+    "labelmap",
+    "labeldrop",
+    "labelkeep",
+    "lowercase",
+    "uppercase",
+}
 
 
 def _meta_label(k8s_label: str) -> str:
@@ -514,7 +644,9 @@ def test_prometheus_scrapes_ray_nodes_and_training_workers():
     assert set(jobs) == {"ray", "vae-train"}
     ray_ports = {p["name"] for c in containers(one("RayCluster")) for p in c.get("ports", [])}
     known_meta = {_meta_label(lbl) for lbl in KUBERAY_POD_LABELS} | {
-        "__meta_kubernetes_pod_container_port_name", "__meta_kubernetes_pod_name"}
+        "__meta_kubernetes_pod_container_port_name",
+        "__meta_kubernetes_pod_name",
+    }
     for name, job in jobs.items():
         assert set(job) <= SCRAPE_KEYS, f"{name}: unknown keys {set(job) - SCRAPE_KEYS}"
         assert [sd["role"] for sd in job["kubernetes_sd_configs"]] == ["pod"]
@@ -527,8 +659,10 @@ def test_prometheus_scrapes_ray_nodes_and_training_workers():
                 kept_ports = set(rule["regex"].split("|"))
         assert kept_ports and kept_ports <= ray_ports, f"{name}: ports {kept_ports} not on Ray pods"
     workers = one("RayCluster")["spec"]["workerGroupSpecs"]
-    assert all("vae-metrics" in {p["name"] for p in g["template"]["spec"]["containers"][0]["ports"]}
-               for g in workers), "every GPU worker exposes the training metrics port"
+    assert all(
+        "vae-metrics" in {p["name"] for p in g["template"]["spec"]["containers"][0]["ports"]}
+        for g in workers
+    ), "every GPU worker exposes the training metrics port"
     (rule,) = one("Role", "prometheus-discovery")["rules"]
     assert rule["resources"] == ["pods"] and {"list", "watch"} <= set(rule["verbs"])
     (prom,) = one("Deployment", "prometheus")["spec"]["template"]["spec"]["containers"]
@@ -571,8 +705,9 @@ def _parse(expr: str):
 
 def _selectors(node) -> list:
     found = []
-    promql_parser.walk(node, lambda n: found.append(n) if isinstance(
-        n, promql_parser.VectorSelector) else None)
+    promql_parser.walk(
+        node, lambda n: found.append(n) if isinstance(n, promql_parser.VectorSelector) else None
+    )
     return found
 
 
@@ -592,7 +727,8 @@ def test_dashboard_queries_parse_and_name_only_exported_metrics():
                 inner = [s.name for a in node.args for s in _selectors(a)]
                 if fn in ("rate", "increase", "irate"):
                     assert all(re.search(r"_(total|bucket|sum|count)$", n) for n in inner), (
-                        f"{title}: {fn}() over a gauge {inner}")
+                        f"{title}: {fn}() over a gauge {inner}"
+                    )
                 if fn == "histogram_quantile":
                     agg = node.args[1]
                     assert isinstance(agg, promql_parser.AggregateExpr)
@@ -625,16 +761,30 @@ def test_dashboard_layout_and_required_panels():
         assert all(t["datasource"]["uid"] == "${datasource}" for t in p["targets"])
         g = p["gridPos"]
         assert g["x"] + g["w"] <= 24
-        area = {(x, y) for x in range(g["x"], g["x"] + g["w"])
-                for y in range(g["y"], g["y"] + g["h"])}
+        area = {
+            (x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])
+        }
         assert not area & cells, f"{p['title']} overlaps another panel"
         cells |= area
     titles = " | ".join(p["title"].lower() for p in dash["panels"])
-    for needed in ("throughput per rank", "throughput total", "data wait", "loss", "bits per dim",
-                   "skipped", "bad samples", "p50 / p95", "checkpoint"):
+    for needed in (
+        "throughput per rank",
+        "throughput total",
+        "data wait",
+        "loss",
+        "bits per dim",
+        "skipped",
+        "bad samples",
+        "p50 / p95",
+        "checkpoint",
+    ):
         assert needed in titles, f"missing a {needed!r} panel"
-    quantiles = {q for _, e in _queries() if "vae_train_step_seconds_bucket" in e
-                 for q in re.findall(r"histogram_quantile\((0\.\d+),", e)}
+    quantiles = {
+        q
+        for _, e in _queries()
+        if "vae_train_step_seconds_bucket" in e
+        for q in re.findall(r"histogram_quantile\((0\.\d+),", e)
+    }
     assert quantiles == {"0.5", "0.95"}
 
 
@@ -683,10 +833,16 @@ def test_ray_up_schema_rejects_a_bad_node_type():
 
 def test_cluster_doc_gives_the_commands_that_match_these_files():
     text = CLUSTER_DOC.read_text()
-    for command in ("make up", "kubectl apply -f infra/k8s/namespace.yaml",
-                    "kubectl apply -k infra/k8s", "ray up infra/ray/cluster-aws.yaml",
-                    "ray job submit --address", "--working-dir .",
-                    job_yaml("train.yaml")["entrypoint"], "docker build -f infra/docker/Dockerfile",
-                    "optim.precision: auto"):
+    for command in (
+        "make up",
+        "kubectl apply -f infra/k8s/namespace.yaml",
+        "kubectl apply -k infra/k8s",
+        "ray up infra/ray/cluster-aws.yaml",
+        "ray job submit --address",
+        "--working-dir .",
+        job_yaml("train.yaml")["entrypoint"],
+        "docker build -f infra/docker/Dockerfile",
+        "optim.precision: auto",
+    ):
         assert command in text, f"docs/CLUSTER.md lacks {command!r}"
     assert "<decode img/s per core from make bench>" in text

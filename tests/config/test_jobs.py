@@ -12,9 +12,9 @@ from pipeline import cli
 from pipeline.jobs import load_job
 from pipeline.train.config import TrainJob
 from pipeline.typed import build, flatten, to_dict
+from tests.helpers import FIXTURES, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-BAD = sorted((ROOT / "tests/fixtures/bad_configs").glob("*.yaml"))
+BAD = sorted((FIXTURES / "bad_configs").glob("*.yaml"))
 
 
 def expected(path: Path) -> str:
@@ -46,18 +46,28 @@ def test_shipped_jobs_validate(name, capsys):
 
 
 def test_validate_exit_code_through_the_console_script():
-    bad = subprocess.run([sys.executable, "-m", "pipeline", "validate", str(BAD[0])],
-                         capture_output=True, text=True, cwd=ROOT)
+    bad = subprocess.run(
+        [sys.executable, "-m", "pipeline", "validate", str(BAD[0])],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
-    good = subprocess.run([sys.executable, "-m", "pipeline", "validate", "jobs/train.yaml"],
-                          capture_output=True, text=True, cwd=ROOT)
+    good = subprocess.run(
+        [sys.executable, "-m", "pipeline", "validate", "jobs/train.yaml"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert good.returncode == 0, good.stderr
 
 
 def test_validate_imports_no_heavy_modules():
     # validate must not touch a cluster, server or bucket: it must not even import them.
-    code = ("import sys; from pipeline import cli; cli.main(['validate', 'jobs/train.yaml']);"
-            "print(sorted(m for m in ('ray', 'mlflow', 's3fs', 'torch') if m in sys.modules))")
+    code = (
+        "import sys; from pipeline import cli; cli.main(['validate', 'jobs/train.yaml']);"
+        "print(sorted(m for m in ('ray', 'mlflow', 's3fs', 'torch') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
 

@@ -5,56 +5,26 @@ from __future__ import annotations
 
 import hashlib
 import io
-import struct
 import tarfile
-import zlib
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from pipeline.data.config import StreamConfig
 from pipeline.data.errors import BadDataError
 from pipeline.data.manifest import Manifest, ShardInfo, write_manifest
 from pipeline.data.shards import tar_samples
 from pipeline.data.stream import ShardStream, make_loader
+from tests.helpers import bomb_png, gray_png, tar_bytes
 
 SIZE = 6
 PER_SHARD = 20
 CUT_AT = 12  # shard 1 is cut inside sample 12's image: 11 (in flight, may be partial)..19 lost
 
 
-def png(value: int, size: int = SIZE) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((size, size), value, np.uint8), mode="L").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A 60-byte PNG whose header claims 10^10 pixels (Pillow's DecompressionBombError)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
-
-
-def write_tar(path: Path, samples: list[list[tuple[str, bytes]]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for members in samples:
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    path.write_bytes(buf.getvalue())
-    return buf.getvalue()
-
-
 def good(key: str, value: int) -> list[tuple[str, bytes]]:
-    return [(f"{key}.png", png(value)), (f"{key}.cls", b"1")]
+    return [(f"{key}.png", gray_png(value, SIZE)), (f"{key}.cls", b"1")]
 
 
 @pytest.fixture(scope="module")
@@ -65,18 +35,29 @@ def bad_split(tmp_path_factory) -> tuple[str, set[str]]:
     s0[3] = [("s0-003.png", b"\x89PNG\r\n\x1a\n not really a png"), ("s0-003.cls", b"1")]
     s0[7] = [("s0-007.txt", b"a text member, no image")]
     s0[9] = [("s0-009.png", bomb_png())]
-    s0[11] = [("s0-011.png", png(5, size=SIZE + 2))]  # wrong size
-    s0[15] = [("s0-015.png", png(9, size=40))]  # 1600 pixels > max_pixels below
+    s0[11] = [("s0-011.png", gray_png(5, SIZE + 2))]  # wrong size
+    s0[15] = [("s0-015.png", gray_png(9, 40))]  # 1600 pixels > max_pixels below
     s1 = [good(f"s1-{i:03d}", 100 + i) for i in range(PER_SHARD)]
-    data0 = write_tar(root / "shard-000000.tar", s0)
-    data1 = write_tar(root / "shard-000001.tar", s1)
+    data0, data1 = tar_bytes(s0), tar_bytes(s1)
+    (root / "shard-000000.tar").write_bytes(data0)
     with tarfile.open(fileobj=io.BytesIO(data1)) as t:
         cut = t.getmember(f"s1-{CUT_AT:03d}.png").offset_data + 10
     (root / "shard-000001.tar").write_bytes(data1[:cut])
-    shards = [ShardInfo(f"shard-{i:06d}.tar", PER_SHARD, len(d), hashlib.sha256(d).hexdigest())
-              for i, d in enumerate([data0, data1])]
-    stats = {"count": 2 * PER_SHARD, "width": SIZE, "height": SIZE, "mode": "L", "channels": 1,
-             "mean": [0.2], "std": [0.1], "encoding": "png", "classes": []}
+    shards = [
+        ShardInfo(f"shard-{i:06d}.tar", PER_SHARD, len(d), hashlib.sha256(d).hexdigest())
+        for i, d in enumerate([data0, data1])
+    ]
+    stats = {
+        "count": 2 * PER_SHARD,
+        "width": SIZE,
+        "height": SIZE,
+        "mode": "L",
+        "channels": 1,
+        "mean": [0.2],
+        "std": [0.1],
+        "encoding": "png",
+        "classes": [],
+    }
     write_manifest(Manifest(split="train", shards=shards, stats=stats), str(root))
     intact = {f"s0-{i:03d}" for i in range(PER_SHARD) if i not in (3, 7, 9, 11, 15)}
     intact |= {f"s1-{i:03d}" for i in range(CUT_AT - 1)}
@@ -86,8 +67,14 @@ def bad_split(tmp_path_factory) -> tuple[str, set[str]]:
 def run(url: str, world_size: int, workers: int, max_bad: int = 100):
     per_rank, stats = [], []
     for rank in range(world_size):
-        config = StreamConfig(train_url=url, shuffle_buffer=8, max_pixels=1000,
-                              max_bad_samples=max_bad, retries=1, retry_backoff=0.0)
+        config = StreamConfig(
+            train_url=url,
+            shuffle_buffer=8,
+            max_pixels=1000,
+            max_bad_samples=max_bad,
+            retries=1,
+            retry_backoff=0.0,
+        )
         s = ShardStream(config, rank=rank, world_size=world_size, batch_size=4)
         per_rank.append(list(make_loader(s, num_workers=workers)))
         stats.append(s.stats())
@@ -100,8 +87,13 @@ def test_bad_samples_are_skipped_counted_and_padded(bad_split, world_size, worke
     per_rank, stats = run(url, world_size, workers)
     assert [len(b) for b in per_rank] == [10 // world_size] * world_size  # 40 samples / 4
     reasons = sum((Counter(s["bad_reasons"]) for s in stats), Counter())
-    assert dict(reasons) == {"decode_error": 1, "no_image": 1, "too_many_pixels": 2,
-                             "wrong_size": 1, "truncated_shard": PER_SHARD - CUT_AT + 1}
+    assert dict(reasons) == {
+        "decode_error": 1,
+        "no_image": 1,
+        "too_many_pixels": 2,
+        "wrong_size": 1,
+        "truncated_shard": PER_SHARD - CUT_AT + 1,
+    }
     assert sum(s["bad_samples"] for s in stats) == 14
     seen, pads = [], 0
     for batches in per_rank:
@@ -136,17 +128,19 @@ def test_missing_shard_is_unreadable_not_a_hang(bad_split, tmp_path):
 def test_pax_tars_fall_back_to_the_webdataset_parser(tmp_path):
     # pax headers (here: names over 100 bytes) are left to webdataset's tarfile-based reader
     keys = [f"{'k' * 110}-{i}" for i in range(6)]
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for i, key in enumerate(keys):
-            for name, data in good(key, 10 * i):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    data = buf.getvalue()
+    data = tar_bytes([good(key, 10 * i) for i, key in enumerate(keys)], tarfile.PAX_FORMAT)
     (tmp_path / "shard-000000.tar").write_bytes(data)
-    stats = {"count": 6, "width": SIZE, "height": SIZE, "mode": "L", "channels": 1,
-             "mean": [0.2], "std": [0.1], "encoding": "png", "classes": []}
+    stats = {
+        "count": 6,
+        "width": SIZE,
+        "height": SIZE,
+        "mode": "L",
+        "channels": 1,
+        "mean": [0.2],
+        "std": [0.1],
+        "encoding": "png",
+        "classes": [],
+    }
     info = ShardInfo("shard-000000.tar", 6, len(data), hashlib.sha256(data).hexdigest())
     write_manifest(Manifest(split="train", shards=[info], stats=stats), str(tmp_path))
     s = ShardStream(StreamConfig(train_url=str(tmp_path), shuffle_buffer=4), batch_size=3)
@@ -174,8 +168,14 @@ def test_fast_and_webdataset_parsers_agree(bad_split):
 
 
 def _stream(url: str, rank: int = 0, world_size: int = 1, max_bad: int = 100) -> ShardStream:
-    config = StreamConfig(train_url=url, shuffle_buffer=8, max_pixels=1000,
-                          max_bad_samples=max_bad, retries=1, retry_backoff=0.0)
+    config = StreamConfig(
+        train_url=url,
+        shuffle_buffer=8,
+        max_pixels=1000,
+        max_bad_samples=max_bad,
+        retries=1,
+        retry_backoff=0.0,
+    )
     return ShardStream(config, rank=rank, world_size=world_size, batch_size=4)
 
 

@@ -34,8 +34,9 @@ def shard_members(url: str, data: bytes) -> list[dict]:
 
 def test_fashion_mnist_into_s3_is_exact(s3_env, caplog):
     out = s3_env.make_bucket("ingest-fmnist") + f"/{uuid.uuid4().hex}"
-    config = IngestConfig(output_url=out, source="fashion_mnist", limit=LIMIT,
-                          shard_samples=SHARD, workers=2)
+    config = IngestConfig(
+        output_url=out, source="fashion_mnist", limit=LIMIT, shard_samples=SHARD, workers=2
+    )
     manifests = ingest(config, progress=False)
     fm = FashionMNIST()
     for split in ("train", "test"):
@@ -43,7 +44,8 @@ def test_fashion_mnist_into_s3_is_exact(s3_env, caplog):
         assert m.count == LIMIT == manifests[split].count
         assert [s.samples for s in m.shards] == [128, 128, 128, 128, 88]
         assert storage.listdir(storage.join(out, split)) == sorted(
-            ["manifest.json"] + [s.name for s in m.shards])  # no temp keys left
+            ["manifest.json"] + [s.name for s in m.shards]
+        )  # no temp keys left
         images, labels = fm.arrays(split)
         seen = []
         for info in m.shards:
@@ -75,8 +77,9 @@ def test_fashion_mnist_into_s3_is_exact(s3_env, caplog):
     images, _ = fm.arrays("train")
     streamed = 0
     for rank in range(2):
-        s = ShardStream(StreamConfig(train_url=f"{out}/train"), rank=rank, world_size=2,
-                        batch_size=50)
+        s = ShardStream(
+            StreamConfig(train_url=f"{out}/train"), rank=rank, world_size=2, batch_size=50
+        )
         for batch in make_loader(s, num_workers=2):
             for key, x in zip(batch["key"], batch["image"]):
                 i = int(key.split("-")[1])
@@ -95,13 +98,26 @@ def test_folder_with_class_subfolders_cut_by_bytes(tmp_path):
     for i in range(12):
         cls = ["cat", "dog"][i % 2]
         fmt, ext = [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp")][i % 3]
-        _png(src / cls / ("deep" if i % 4 == 0 else "") / f"{i}.{ext}", (20 + i, 30),
-             (10 * i, 0, 0), fmt)
+        _png(
+            src / cls / ("deep" if i % 4 == 0 else "") / f"{i}.{ext}",
+            (20 + i, 30),
+            (10 * i, 0, 0),
+            fmt,
+        )
     (src / "cat" / "notes.txt").write_text("ignored")
     out = tmp_path / "out"
-    config = IngestConfig(output_url=str(out), source="folder", source_path=str(src),
-                          image_size=16, mode="RGB", encoding="jpeg", jpeg_quality=90,
-                          shard_bytes=24000, test_fraction=0.25, workers=1)
+    config = IngestConfig(
+        output_url=str(out),
+        source="folder",
+        source_path=str(src),
+        image_size=16,
+        mode="RGB",
+        encoding="jpeg",
+        jpeg_quality=90,
+        shard_bytes=24000,
+        test_fraction=0.25,
+        workers=1,
+    )
     manifests = ingest(config, progress=False)
     train, test = manifests["train"], manifests["test"]
     assert (train.count, test.count) == (9, 3)
@@ -133,8 +149,9 @@ def test_archive_rejects_unsafe_member_names(tmp_path, bad_name, kind):
         with zipfile.ZipFile(path, "w") as z:
             z.writestr("data/a/1.png", good.getvalue())
             z.writestr(bad_name, good.getvalue())
-    config = IngestConfig(output_url=str(tmp_path / "out"), source="archive",
-                          source_path=str(path), workers=1)
+    config = IngestConfig(
+        output_url=str(tmp_path / "out"), source="archive", source_path=str(path), workers=1
+    )
     with pytest.raises(DataError, match=f"unsafe member name '{bad_name}'"):
         ingest(config, progress=False)
     assert not (tmp_path / "out").exists()
@@ -147,9 +164,16 @@ def test_zip_archive_labels_from_folders(tmp_path):
             buf = io.BytesIO()
             Image.new("L", (8, 8), 40 * i).save(buf, format="PNG")
             z.writestr(f"data/{'ab'[i % 2]}/{i}.png", buf.getvalue())
-    manifests = ingest(IngestConfig(output_url=str(tmp_path / "out"), source="archive",
-                                    source_path=str(path), test_fraction=0.0, workers=2),
-                       progress=False)
+    manifests = ingest(
+        IngestConfig(
+            output_url=str(tmp_path / "out"),
+            source="archive",
+            source_path=str(path),
+            test_fraction=0.0,
+            workers=2,
+        ),
+        progress=False,
+    )
     m = manifests["train"]
     assert m.count == 6 and m.stats["classes"] == ["a", "b"] and list(manifests) == ["train"]
     samples = shard_members("s", Path(m.shard_url(0)).read_bytes())
@@ -162,16 +186,27 @@ def test_zip_archive_labels_from_folders(tmp_path):
 
 def test_changed_config_rewrites_and_removes_stale_shards(tmp_path):
     out = str(tmp_path / "out")
-    base = dict(output_url=out, source="synthetic", synthetic_count=100, synthetic_size=8,
-                test_fraction=0.0, workers=1)
+    base = dict(
+        output_url=out,
+        source="synthetic",
+        synthetic_count=100,
+        synthetic_size=8,
+        test_fraction=0.0,
+        workers=1,
+    )
     first = ingest(IngestConfig(**base, shard_samples=20), progress=False)["train"]
     assert len(first.shards) == 5
     second = ingest(IngestConfig(**base, shard_samples=40), progress=False)["train"]
     assert [s.samples for s in second.shards] == [40, 40, 20]
-    assert storage.listdir(f"{out}/train") == ["manifest.json", "shard-000000.tar",
-                                               "shard-000001.tar", "shard-000002.tar"]
-    assert json.loads(Path(out, "train", "manifest.json").read_text())["ingest"][
-        "shard_samples"] == 40
+    assert storage.listdir(f"{out}/train") == [
+        "manifest.json",
+        "shard-000000.tar",
+        "shard-000001.tar",
+        "shard-000002.tar",
+    ]
+    assert (
+        json.loads(Path(out, "train", "manifest.json").read_text())["ingest"]["shard_samples"] == 40
+    )
 
 
 def test_synthetic_images_are_deterministic_and_structured():

@@ -19,6 +19,7 @@ from pipeline.data.config import IngestConfig, StreamConfig
 from pipeline.data.ingest import ingest
 from pipeline.data.stream import ShardStream, make_loader
 from pipeline.storage import StorageError
+from tests.helpers import patched_environ
 
 COUNT, SHARD, BATCH = 120, 40, 8  # 3 shards of ~100 KB
 
@@ -58,7 +59,7 @@ class CuttingProxy:
             sent = 0
             while data := up.recv(65536):
                 if sent + len(data) > self.cut_after and self._take_cut():
-                    client.sendall(data[:max(0, self.cut_after - sent)])
+                    client.sendall(data[: max(0, self.cut_after - sent)])
                     client.shutdown(socket.SHUT_RDWR)
                     return
                 client.sendall(data)
@@ -77,24 +78,28 @@ class CuttingProxy:
 
 @pytest.fixture(scope="module")
 def s3_split(s3):
-    import os
-
-    saved = {k: os.environ.get(k) for k in s3.env}
-    os.environ.update(s3.env)
-    try:
+    with patched_environ(s3.env):
         url = s3.make_bucket("stream-faults") + f"/{uuid.uuid4().hex}"
-        ingest(IngestConfig(output_url=url, source="synthetic", synthetic_count=COUNT,
-                            synthetic_size=32, synthetic_mode="RGB", shard_samples=SHARD,
-                            test_fraction=0.0, workers=1), progress=False)
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        ingest(
+            IngestConfig(
+                output_url=url,
+                source="synthetic",
+                synthetic_count=COUNT,
+                synthetic_size=32,
+                synthetic_mode="RGB",
+                shard_samples=SHARD,
+                test_fraction=0.0,
+                workers=1,
+            ),
+            progress=False,
+        )
     return f"{url}/train"
 
 
 def epoch(url: str, workers: int, **cfg) -> tuple[list[dict], dict]:
-    config = StreamConfig(train_url=url, **{"shuffle_buffer": 16, "retries": 3,
-                                            "retry_backoff": 0.01, **cfg})
+    config = StreamConfig(
+        train_url=url, **{"shuffle_buffer": 16, "retries": 3, "retry_backoff": 0.01, **cfg}
+    )
     stream = ShardStream(config, rank=0, world_size=1, batch_size=BATCH)
     return list(make_loader(stream, num_workers=workers)), stream.stats()
 
@@ -131,8 +136,10 @@ def test_unreadable_shards_end_the_run_in_bounded_time(s3_env, s3_split, monkeyp
     t0 = time.monotonic()
     try:
         # an outage is not bad data: it ends the run naming the shard and the endpoint
-        with pytest.raises(StorageError, match=r"s3://.*shard-00000\d\.tar: storage unreachable "
-                                               + re.escape(f"at {proxy.url}")):
+        with pytest.raises(
+            StorageError,
+            match=r"s3://.*shard-00000\d\.tar: storage unreachable " + re.escape(f"at {proxy.url}"),
+        ):
             epoch(s3_split, 0, max_bad_samples=10**6, retries=1)
     finally:
         proxy.close()

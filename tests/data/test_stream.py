@@ -21,9 +21,18 @@ B = 8
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("syn"))
-    manifests = ingest(IngestConfig(output_url=out, source="synthetic", synthetic_count=N,
-                                    synthetic_size=8, shard_samples=17, test_fraction=0.0,
-                                    workers=1), progress=False)
+    manifests = ingest(
+        IngestConfig(
+            output_url=out,
+            source="synthetic",
+            synthetic_count=N,
+            synthetic_size=8,
+            shard_samples=17,
+            test_fraction=0.0,
+            workers=1,
+        ),
+        progress=False,
+    )
     assert manifests["train"].count == N
     assert [s.samples for s in manifests["train"].shards] == [17] * 13 + [9]
     return f"{out}/train"
@@ -35,8 +44,7 @@ def stream(url: str, rank: int = 0, world_size: int = 1, batch_size: int = B, **
 
 
 def keys_of(batches, drop_pad: bool = True) -> list[str]:
-    return [k for b in batches for k, p in zip(b["key"], b["pad"].tolist())
-            if not (drop_pad and p)]
+    return [k for b in batches for k, p in zip(b["key"], b["pad"].tolist()) if not (drop_pad and p)]
 
 
 def epoch(url: str, world_size: int, workers: int, epoch_no: int = 0, **cfg):
@@ -200,15 +208,22 @@ def test_state_dict_rejects_another_dataset(shards):
 def test_round_robin_matches_dataloader_interleaving():
     # worker batches [2, 3]: w0 w1 w0 w1 w1
     assert [round_robin([2, 3], k) for k in range(6)] == [
-        ([0, 0], 0), ([1, 0], 1), ([1, 1], 0), ([2, 1], 1), ([2, 2], 0), ([2, 3], 0)]
+        ([0, 0], 0),
+        ([1, 0], 1),
+        ([1, 1], 0),
+        ([2, 1], 1),
+        ([2, 2], 0),
+        ([2, 3], 0),
+    ]
     assert round_robin([0, 1], 1) == ([0, 1], 0)
 
 
 def test_split_partitions_the_plan():
     split = Split(((0, 100),), world_size=3, num_workers=2, batch_size=4)
     assert split.batches == 8 and split.dropped == 4 and split.worker_batches() == [4, 4]
-    covered = [p for r in range(3) for w in range(2) for a, b, _ in split.work(r, w)
-               for p in range(a, b)]
+    covered = [
+        p for r in range(3) for w in range(2) for a, b, _ in split.work(r, w) for p in range(a, b)
+    ]
     assert covered == list(range(96))
     assert split.remaining(8) == []
     assert split.remaining(0) == [(0, 96)]
@@ -218,10 +233,11 @@ def test_plan_is_a_permutation_with_block_locality():
     plan = EpochPlan([5, 7, 3, 10], seed=3, epoch=1, block=4, shuffle=True)
     q = plan.stream_positions(0, plan.total)
     assert sorted(q.tolist()) == list(range(25))
-    assert all(set(q[i:i + 4].tolist()) == set(range(i, min(i + 4, 25))) for i in range(0, 25, 4))
+    assert all(set(q[i : i + 4].tolist()) == set(range(i, min(i + 4, 25))) for i in range(0, 25, 4))
     shard, index = plan.locate(q)
     assert sorted(zip(shard.tolist(), index.tolist())) == [
-        (s, i) for s, n in enumerate([5, 7, 3, 10]) for i in range(n)]
+        (s, i) for s, n in enumerate([5, 7, 3, 10]) for i in range(n)
+    ]
 
 
 def test_batched_and_fill_bad_on_plain_lists():

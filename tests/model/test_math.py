@@ -104,9 +104,13 @@ def linear_gaussian(mean_shift: float = 0.0, var_factor: float = 1.0):
     logvar = torch.log(SIGMA**2 / m)
     shift = mean_shift * torch.randn(d, n_dim, generator=g, dtype=torch.float64) / math.sqrt(n_dim)
     cfg = ModelConfig(
-        image_size=D_SIDE, channels=[1], blocks_per_stage=0, latent_dim=d,
-        likelihood="gaussian", sigma=SIGMA,
-    )  # fmt: skip
+        image_size=D_SIDE,
+        channels=[1],
+        blocks_per_stage=0,
+        latent_dim=d,
+        likelihood="gaussian",
+        sigma=SIGMA,
+    )
     enc = LinearEncoder(A + shift, b.clone(), logvar + math.log(var_factor))
     model = VAE(cfg, encoder=enc, decoder=LinearDecoder(W, b)).double().eval()
     return model, (A, logvar), W, b
@@ -151,15 +155,22 @@ def test_iwae_increases_with_k_and_reaches_exact():
     exact = exact_log_evidence(y, W, b)
     means = {}
     for k in (1, 10, 100, 1000):  # averaged over 256 points and 8 seeds
-        runs = [iwae_bound(model, y, k, chunk=250, generator=torch.Generator().manual_seed(s))
-                for s in range(8)]  # fmt: skip
+        runs = [
+            iwae_bound(model, y, k, chunk=250, generator=torch.Generator().manual_seed(s))
+            for s in range(8)
+        ]
         means[k] = float(torch.stack(runs).mean())
     gaps = [float(exact.mean()) - means[k] for k in (1, 10, 100, 1000)]
     # measured gaps ln Q(y) - IWAE_k (nats): 0.84, 0.084, 0.0068, 0.0016
     assert gaps[0] > gaps[1] > gaps[2] > gaps[3] > -0.002, gaps
     assert abs(gaps[3]) < 0.005, gaps
-    out = evaluate(model, [y[:128], (y[128:], None)], k=1000, chunk=500,
-                   generator=torch.Generator().manual_seed(0))  # fmt: skip
+    out = evaluate(
+        model,
+        [y[:128], (y[128:], None)],
+        k=1000,
+        chunk=500,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out["n_images"] == 256 and out["latent_units"] == 4
     assert abs(out["nll_iwae"] + float(exact.mean())) < 0.005  # measured 0.0015
     kl = float(kl_to_exact_posterior(model, y, A, logvar).mean())
@@ -193,8 +204,13 @@ def test_exact_posterior_closes_the_gap():
 
 def test_elbo_terms_units_free_bits_and_warmup():
     torch.manual_seed(0)
-    cfg = ModelConfig(image_size=8, channels=[4], latent="spatial", latent_channels=3,
-                      likelihood="discretized_logistic")  # fmt: skip
+    cfg = ModelConfig(
+        image_size=8,
+        channels=[4],
+        latent="spatial",
+        latent_channels=3,
+        likelihood="discretized_logistic",
+    )
     model = VAE.from_config(cfg)
     x = torch.round(torch.rand(5, 1, 8, 8) * 255) / 255
     t = elbo_terms(model, x, generator=torch.Generator().manual_seed(0))

@@ -120,7 +120,8 @@ def test_presets_are_valid_and_round_trip_through_asdict():
     # the published baseline's size: 784-300-300-80 encoder, 40-300-300-784 decoder
     n_params = sum(p.numel() for p in VAE.from_config(mlp).parameters())
     assert n_params == (784 * 300 + 300) + (300 * 300 + 300) + (300 * 80 + 80) + (
-        40 * 300 + 300) + (300 * 300 + 300) + (300 * 784 + 784)
+        40 * 300 + 300
+    ) + (300 * 300 + 300) + (300 * 784 + 784)
     assert ModelConfig(arch="mlp", image_size=30).image_size == 30  # no stride-2 constraint
 
 
@@ -129,8 +130,13 @@ def test_presets_are_valid_and_round_trip_through_asdict():
 
 @pytest.mark.parametrize(
     ("name", "latent_shape"),
-    [("mnist28", (32,)), ("mnist28_mlp", (40,)), ("cifar32", (16, 4, 4)), ("64", (16, 4, 4)),
-     ("256", (16, 8, 8))],
+    [
+        ("mnist28", (32,)),
+        ("mnist28_mlp", (40,)),
+        ("cifar32", (16, 4, 4)),
+        ("64", (16, 4, 4)),
+        ("256", (16, 8, 8)),
+    ],
 )
 def test_output_shapes(name, latent_shape):
     cfg = tiny(name)
@@ -309,9 +315,13 @@ def test_mlp_save_load_round_trip_is_exact():
 def test_training_lowers_loss():
     torch.manual_seed(0)
     cfg = ModelConfig(
-        image_size=16, channels=[8, 16], blocks_per_stage=1, latent="flat", latent_dim=8,
+        image_size=16,
+        channels=[8, 16],
+        blocks_per_stage=1,
+        latent="flat",
+        latent_dim=8,
         likelihood="bernoulli",
-    )  # fmt: skip
+    )
     model = VAE.from_config(cfg)
     # 16 blobs at random centres: structured data the latent can encode
     g = torch.Generator().manual_seed(0)

@@ -35,8 +35,9 @@ def make(seed: int):
 
 def save(d: Path, seed: int) -> VAE:
     vae, opt, sched = make(seed)
-    checkpoint.save(d, model=vae, state={"step": seed, "config": {}}, optimizer=opt,
-                    scheduler=sched, ema=vae)
+    checkpoint.save(
+        d, model=vae, state={"step": seed, "config": {}}, optimizer=opt, scheduler=sched, ema=vae
+    )
     return vae
 
 
@@ -66,6 +67,7 @@ def test_failed_write_leaves_previous_intact_and_no_partial(tmp_path, monkeypatc
                     real_write_bytes(self, data[: len(data) // 2])  # half the file lands
                 raise Crash(f"injected failure writing {self.name}")
             return real(self, data, *a, **k)
+
         return write
 
     monkeypatch.setattr(Path, "write_bytes", failing(real_write_bytes))
@@ -77,8 +79,9 @@ def test_failed_write_leaves_previous_intact_and_no_partial(tmp_path, monkeypatc
     # the partial folder is not a checkpoint: checksums.json is published last, atomically
     with pytest.raises(CheckpointError) as err:
         checkpoint.load(tmp_path / "checkpoint_2")
-    assert str(err.value) == (f"{tmp_path / 'checkpoint_2' / CHECKSUMS}: missing or "
-                              "unreadable: not a complete checkpoint")
+    assert str(err.value) == (
+        f"{tmp_path / 'checkpoint_2' / CHECKSUMS}: missing or unreadable: not a complete checkpoint"
+    )
     assert_loads(tmp_path / "checkpoint_1", prev, step=1)
 
 
@@ -103,9 +106,14 @@ def test_failed_rewrite_of_a_folder_is_not_a_mixed_checkpoint(tmp_path, monkeypa
         checkpoint.load(d)
 
 
-@pytest.mark.parametrize("present", [["checksums.json", "state.json"],
-                                     ["checksums.json", "model.safetensors", "state.json"],
-                                     ["checksums.json", *FILES[:3]]])
+@pytest.mark.parametrize(
+    "present",
+    [
+        ["checksums.json", "state.json"],
+        ["checksums.json", "model.safetensors", "state.json"],
+        ["checksums.json", *FILES[:3]],
+    ],
+)
 def test_partially_uploaded_checkpoint_is_refused(tmp_path, present):
     """An upload to the checkpoint store that stopped midway, in any file order."""
     save(tmp_path / "full", seed=1)

@@ -16,67 +16,50 @@ import hashlib
 import io
 import os
 import secrets
-import struct
 import subprocess
 import sys
 import tarfile
-import zlib
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
 from pipeline import storage
 from pipeline.data.manifest import Manifest, ShardInfo, write_manifest
+from tests.helpers import (
+    bomb_png,
+    experiment_runs,
+    metric_history,
+    patched_environ,
+    png,
+    tar_bytes,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 SIZE, PER_SHARD, SHARDS, BATCH = 28, 32, 8, 16
 N = PER_SHARD * SHARDS  # 256 samples, 16 steps per epoch on one worker
 CUT_AT = 20  # the last shard is cut inside sample 20's image: samples 19..31 are lost
-BAD_PER_EPOCH = {"decode_error": 1, "no_image": 1, "too_many_pixels": 1, "wrong_size": 1,
-                 "wrong_mode": 1, "truncated_shard": PER_SHARD - CUT_AT + 1}
+BAD_PER_EPOCH = {
+    "decode_error": 1,
+    "no_image": 1,
+    "too_many_pixels": 1,
+    "wrong_size": 1,
+    "wrong_mode": 1,
+    "truncated_shard": PER_SHARD - CUT_AT + 1,
+}
 MLFLOW_PASSWORD = "planted-mlflow-password-" + secrets.token_hex(8)
 BUCKET = "rel-e2e"
 OUTPUT: dict[str, subprocess.CompletedProcess] = {}
-
-
-def png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def bomb_png(side: int = 100_000) -> bytes:
-    """A tiny PNG whose header claims side**2 pixels."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
-
-
-def tar_bytes(samples: list[list[tuple[str, bytes]]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for members in samples:
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
 def bad_data(s3) -> str:
     """``s3://rel-e2e/bad/train``: 8 shards of 32; shard 0 holds five bad samples, shard 7
     is truncated (its manifest entry records the full size)."""
-    saved = {k: os.environ.get(k) for k in s3.env}
-    os.environ.update(s3.env)
-    try:
+    with patched_environ(s3.env):
         url = s3.make_bucket(BUCKET) + "/bad/train"
         rng = np.random.default_rng(0)
         infos = []
@@ -100,20 +83,32 @@ def bad_data(s3) -> str:
             name = f"shard-{s:06d}.tar"
             storage.put_atomic(f"{url}/{name}", data)
             infos.append(ShardInfo(name, PER_SHARD, full, hashlib.sha256(data).hexdigest()))
-        stats = {"count": N, "width": SIZE, "height": SIZE, "mode": "L", "channels": 1,
-                 "mean": [0.5], "std": [0.29], "encoding": "png", "classes": []}
+        stats = {
+            "count": N,
+            "width": SIZE,
+            "height": SIZE,
+            "mode": "L",
+            "channels": 1,
+            "mean": [0.5],
+            "std": [0.29],
+            "encoding": "png",
+            "classes": [],
+        }
         write_manifest(Manifest(split="train", shards=infos, stats=stats), url)
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     return url
 
 
 def cli(tmp: Path, command: str, doc: dict, env: dict) -> subprocess.CompletedProcess:
     path = tmp / f"{command}-{doc['config'].get('scaling', {}).get('name', 'job')}.yaml"
     path.write_text(yaml.safe_dump(doc))
-    return subprocess.run([sys.executable, "-m", "pipeline", command, str(path)], env=env,
-                          cwd=tmp, capture_output=True, text=True, timeout=360)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", command, str(path)],
+        env=env,
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=360,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -121,50 +116,70 @@ def env(s3, mlflow_server, ray_cluster, tmp_path_factory) -> dict:
     """The commands' environment: the cluster's client settings, S3 credentials and an MLflow
     password planted as secrets (the tracking server has no auth: it ignores them)."""
     tmp = tmp_path_factory.mktemp("e2e")
-    return {**os.environ, **s3.env, "RAY_ADDRESS": ray_cluster.address,
-            "PIPELINE_STACK_DIR": str(tmp / "no-stack"), "MLFLOW_TRACKING_URI": mlflow_server.uri,
-            "MLFLOW_TRACKING_USERNAME": "pipeline", "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD}
+    return {
+        **os.environ,
+        **s3.env,
+        "RAY_ADDRESS": ray_cluster.address,
+        "PIPELINE_STACK_DIR": str(tmp / "no-stack"),
+        "MLFLOW_TRACKING_URI": mlflow_server.uri,
+        "MLFLOW_TRACKING_USERNAME": "pipeline",
+        "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD,
+    }
 
 
-def train_doc(url: str, mlflow_server, name: str, sd_dir: str = "",
-              data: dict | None = None) -> dict:
+def train_doc(
+    url: str, mlflow_server, name: str, sd_dir: str = "", data: dict | None = None
+) -> dict:
     data_cfg = {"train_url": url, "num_workers": 0, "shuffle_buffer": 64, **(data or {})}
     return {
-        "kind": "train", "entrypoint": "python -m pipeline train job.yaml",
-        "runtime_env": {"env_vars": {"PIPELINE_FAULT_NAN_STEP": "5",
-                                     "PIPELINE_METRICS_LINGER": "3"}},
+        "kind": "train",
+        "entrypoint": "python -m pipeline train job.yaml",
+        "runtime_env": {
+            "env_vars": {"PIPELINE_FAULT_NAN_STEP": "5", "PIPELINE_METRICS_LINGER": "3"}
+        },
         "config": {
             "data": data_cfg,
-            "model": {"image_size": SIZE, "in_channels": 1, "channels": [8, 16],
-                      "latent_dim": 8},
-            "optim": {"epochs": 2, "batch_size": BATCH, "lr": 3e-3, "warmup_steps": 2,
-                      "checkpoint_every": 8, "log_every": 4, "eval_batches": 1, "iwae_k": 4,
-                      "iwae_images": 8},
-            "scaling": {"num_workers": 1, "storage_path": f"s3://{BUCKET}/ckpt", "name": name,
-                        "max_failures": 0},
-            "tracking": {"mlflow_uri": mlflow_server.uri, "experiment": f"rel-{name}",
-                         "registered_model": f"rel-{name}", "metrics_sd_dir": sd_dir},
+            "model": {"image_size": SIZE, "in_channels": 1, "channels": [8, 16], "latent_dim": 8},
+            "optim": {
+                "epochs": 2,
+                "batch_size": BATCH,
+                "lr": 3e-3,
+                "warmup_steps": 2,
+                "checkpoint_every": 8,
+                "log_every": 4,
+                "eval_batches": 1,
+                "iwae_k": 4,
+                "iwae_images": 8,
+            },
+            "scaling": {
+                "num_workers": 1,
+                "storage_path": f"s3://{BUCKET}/ckpt",
+                "name": name,
+                "max_failures": 0,
+            },
+            "tracking": {
+                "mlflow_uri": mlflow_server.uri,
+                "experiment": f"rel-{name}",
+                "registered_model": f"rel-{name}",
+                "metrics_sd_dir": sd_dir,
+            },
         },
     }
 
 
 def history(uri: str, run_id: str, key: str) -> dict[int, float]:
-    from mlflow.tracking import MlflowClient
-
-    return {m.step: m.value for m in MlflowClient(uri).get_metric_history(run_id, key)}
+    return dict(metric_history(uri, run_id, key))
 
 
 def only_run(uri: str, experiment: str):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    runs = experiment_runs(uri, experiment)
     assert len(runs) == 1, runs
     return runs[0]
 
 
-def test_bad_data_and_nan_are_skipped_and_counted(bad_data, env, mlflow_server, prometheus,
-                                                  tmp_path):
+def test_bad_data_and_nan_are_skipped_and_counted(
+    bad_data, env, mlflow_server, prometheus, tmp_path
+):
     doc = train_doc(bad_data, mlflow_server, "e2e-bad", str(prometheus.targets_dir))
     res = OUTPUT["train"] = cli(tmp_path, "train", doc, env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -220,13 +235,23 @@ def test_error_budget_exceeded_fails_in_one_line(bad_data, env, mlflow_server, t
 
 
 def test_sampling_job(bad_data, env, mlflow_server, tmp_path):
-    doc = {"kind": "sample", "entrypoint": "python -m pipeline sample job.yaml",
-           "config": {"sample": {"output_url": f"s3://{BUCKET}/galleries",
-                                 "model_name": "rel-e2e-bad", "data_url": bad_data,
-                                 "temperatures": [1.0], "grid_rows": 4, "grid_cols": 4,
-                                 "interpolation_pairs": 2, "traversal_dims": 2},
-                      "tracking": {"mlflow_uri": mlflow_server.uri,
-                                   "experiment": "rel-e2e-galleries"}}}
+    doc = {
+        "kind": "sample",
+        "entrypoint": "python -m pipeline sample job.yaml",
+        "config": {
+            "sample": {
+                "output_url": f"s3://{BUCKET}/galleries",
+                "model_name": "rel-e2e-bad",
+                "data_url": bad_data,
+                "temperatures": [1.0],
+                "grid_rows": 4,
+                "grid_cols": 4,
+                "interpolation_pairs": 2,
+                "traversal_dims": 2,
+            },
+            "tracking": {"mlflow_uri": mlflow_server.uri, "experiment": "rel-e2e-galleries"},
+        },
+    }
     res = OUTPUT["sample"] = cli(tmp_path, "sample", doc, env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"gallery written: s3://{BUCKET}/galleries/rel-e2e-bad/v1/" in res.stdout
@@ -243,8 +268,11 @@ def _files(root: Path):
 
 def test_planted_secrets_appear_nowhere(s3, mlflow_server, ray_cluster, services_dir, tmp_path):
     assert set(OUTPUT) == {"train", "budget", "sample"}, "run the whole module"
-    planted = {"AWS_SECRET_ACCESS_KEY": s3.secret_key, "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD,
-               "RAY_AUTH_TOKEN": ray_cluster.head.token}
+    planted = {
+        "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+        "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD,
+        "RAY_AUTH_TOKEN": ray_cluster.head.token,
+    }
     needles = {name: value.encode() for name, value in planted.items()}
     found: list[str] = []
 
@@ -276,8 +304,11 @@ def test_planted_secrets_appear_nowhere(s3, mlflow_server, ray_cluster, services
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_server.uri)
-    runs = [r for name in ("rel-e2e-bad", "rel-e2e-budget", "rel-e2e-galleries")
-            for r in client.search_runs([client.get_experiment_by_name(name).experiment_id])]
+    runs = [
+        r
+        for name in ("rel-e2e-bad", "rel-e2e-budget", "rel-e2e-galleries")
+        for r in client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    ]
     assert len(runs) == 3
     for r in runs:
         record = repr((r.data.params, r.data.tags, sorted(r.data.metrics)))

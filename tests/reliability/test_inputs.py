@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import shutil
 import string
@@ -33,9 +32,9 @@ from pipeline.data.config import IngestConfig
 from pipeline.data.ingest import ingest
 from pipeline.data.manifest import Manifest, ShardInfo, write_manifest
 from pipeline.stack import free_port
+from tests.helpers import FIXTURES, experiment_runs, patched_environ
 
-ROOT = Path(__file__).resolve().parents[1]
-BAD = sorted((ROOT / "tests/fixtures/bad_inputs").glob("*.yaml"))
+BAD = sorted((FIXTURES / "bad_inputs").glob("*.yaml"))
 PLANTED = ("planted-in-yaml-0451", "wrong-secret-0123456789")  # secrets some cases carry
 BUCKETS = ("rel-inputs",)
 PROGRESS = re.compile(r"^ingest \w+: +\d+%\|")
@@ -61,23 +60,27 @@ def header(path: Path) -> dict[str, str]:
 def inputs(s3, mlflow_server, tmp_path_factory):
     """Datasets (local and on S3) and a registered model ``rel-model@candidate``."""
     root = tmp_path_factory.mktemp("bad-inputs-data")
-    saved = {k: os.environ.get(k) for k in s3.env}
-    os.environ.update(s3.env)
-    try:
+    with patched_environ(s3.env):
         s3.make_bucket("rel-inputs")
-        base = dict(source="synthetic", synthetic_count=64, test_fraction=0.25, shard_samples=16,
-                    workers=1)
-        ingest(IngestConfig(output_url=str(root / "good"), synthetic_size=28, **base),
-               progress=False)
-        ingest(IngestConfig(output_url=str(root / "l32"), synthetic_size=32, **base),
-               progress=False)
-        ingest(IngestConfig(output_url=str(root / "rgb28"), synthetic_size=28,
-                            synthetic_mode="RGB", **base), progress=False)
-        ingest(IngestConfig(output_url="s3://rel-inputs/good", synthetic_size=28, **base),
-               progress=False)
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        base = dict(
+            source="synthetic", synthetic_count=64, test_fraction=0.25, shard_samples=16, workers=1
+        )
+        ingest(
+            IngestConfig(output_url=str(root / "good"), synthetic_size=28, **base), progress=False
+        )
+        ingest(
+            IngestConfig(output_url=str(root / "l32"), synthetic_size=32, **base), progress=False
+        )
+        ingest(
+            IngestConfig(
+                output_url=str(root / "rgb28"), synthetic_size=28, synthetic_mode="RGB", **base
+            ),
+            progress=False,
+        )
+        ingest(
+            IngestConfig(output_url="s3://rel-inputs/good", synthetic_size=28, **base),
+            progress=False,
+        )
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_server.uri)
@@ -193,20 +196,11 @@ def s3_keys(bucket: str) -> set[str]:
     return set(fs.find(root)) if fs.exists(root) else set()
 
 
-def mlflow_runs(uri: str, experiment: str) -> int:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    return len(client.search_runs([exp.experiment_id])) if exp else 0
-
-
 @pytest.mark.parametrize("path", BAD, ids=lambda p: p.stem)
 def test_bad_input_one_line_nothing_left(path, inputs, s3_env, tmp_path, monkeypatch, capsys):
     h = header(path)
     case = path.stem.split("_", 1)[1].replace("_", "-")
-    subs = {**inputs, "TMP": str(tmp_path), "CASE": case,
-            "DEAD": f"http://127.0.0.1:{free_port()}"}
+    subs = {**inputs, "TMP": str(tmp_path), "CASE": case, "DEAD": f"http://127.0.0.1:{free_port()}"}
     job = tmp_path / "job.yaml"
     job.write_text(string.Template(path.read_text()).substitute(subs))
     expect = [string.Template(e).substitute(subs) for e in h["expect"]]
@@ -239,7 +233,7 @@ def test_bad_input_one_line_nothing_left(path, inputs, s3_env, tmp_path, monkeyp
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "out").exists()
     if (tmp_path / "a-file").exists():
         assert (tmp_path / "a-file").read_text() == "not a folder"
-    assert mlflow_runs(inputs["MLFLOW"], f"bad-{case}") == 0
+    assert len(experiment_runs(inputs["MLFLOW"], f"bad-{case}")) == 0
     with monkeypatch.context() as m:
         for k, v in s3_env.env.items():
             m.setenv(k, v)

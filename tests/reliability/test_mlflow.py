@@ -25,10 +25,7 @@ from pipeline.train.tracking import (
     find_or_create_run,
     public_uri,
 )
-from tests import test_train
-from tests.test_train import BATCH, N_TRAIN, make_job
-
-fmnist_url, ray_session = test_train.fmnist_url, test_train.ray_session  # shared fixtures
+from tests.helpers import BATCH, N_TRAIN, make_job, metric_history
 
 
 @pytest.fixture
@@ -44,16 +41,16 @@ def own_mlflow():
 
 
 def spec_for(svc, name: str) -> RunSpec:
-    return RunSpec(svc.uri, f"rel-{name}", name, {RUN_TAG: name, STORE_TAG: f"/ckpt/{name}"},
-                   {"optim.lr": "0.001", "model.latent_dim": "8"})
+    return RunSpec(
+        svc.uri,
+        f"rel-{name}",
+        name,
+        {RUN_TAG: name, STORE_TAG: f"/ckpt/{name}"},
+        {"optim.lr": "0.001", "model.latent_dim": "8"},
+    )
 
 
-def history(svc, run_id: str, key: str = "loss") -> list[tuple[int, float]]:
-    from mlflow.tracking import MlflowClient
-
-    return sorted((m.step, m.value) for m in MlflowClient(svc.uri).get_metric_history(run_id, key))
-
-
+@pytest.mark.services  # its own MLflow server, stopped and restarted
 @pytest.mark.timeout(240)
 def test_tracker_buffers_while_down_and_flushes_exact_steps(own_mlflow, capsys, monkeypatch):
     spec = spec_for(own_mlflow, "buffered")
@@ -101,26 +98,29 @@ def test_tracker_buffers_while_down_and_flushes_exact_steps(own_mlflow, capsys, 
     for step in range(13, 16):
         tracker.metrics({"loss": 10.0 - step}, step)
     assert tracker.flush(wait=30) is True and tracker.pending == 0
-    assert history(own_mlflow, run_id) == [(s, 10.0 - s) for s in range(1, 16)]
+    assert metric_history(own_mlflow.uri, run_id, "loss") == [(s, 10.0 - s) for s in range(1, 16)]
 
     # A Tracker restarted from an older checkpoint (steps 1-9 replayed) logs no step twice.
     again = Tracker(spec, run_id=run_id)
     for step in range(10, 19):
         again.metrics({"loss": 10.0 - step}, step)
     assert again.flush() is True
-    assert history(own_mlflow, run_id) == [(s, 10.0 - s) for s in range(1, 19)]
+    assert metric_history(own_mlflow.uri, run_id, "loss") == [(s, 10.0 - s) for s in range(1, 19)]
 
 
 def test_uri_credentials_never_printed():
     assert public_uri("https://alice:s3cr3t@mlflow.example.com/api") == (
-        "https://mlflow.example.com/api")
+        "https://mlflow.example.com/api"
+    )
     assert public_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 
 @pytest.mark.slow
+@pytest.mark.services  # its own MLflow server, and the session's Ray cluster
 @pytest.mark.timeout(420)
-def test_training_with_mlflow_down_at_start(own_mlflow, fmnist_url, ray_session, monkeypatch,
-                                            tmp_path, capsys):
+def test_training_with_mlflow_down_at_start(
+    own_mlflow, fmnist_url, ray_session, monkeypatch, tmp_path, capsys
+):
     """A real 1-worker run: MLflow is down when the driver starts and comes up mid-run.
     Training never waits for it; the run appears with params, tags and every logged step."""
     monkeypatch.setenv("PIPELINE_MLFLOW_WAIT", "1")  # the driver's bound
@@ -154,8 +154,11 @@ def test_training_with_mlflow_down_at_start(own_mlflow, fmnist_url, ray_session,
     run = runs[0]
     assert run.info.status == "FINISHED" and run.data.tags[RUN_TAG] == "mlflow-down"
     assert run.data.params["optim.batch_size"] == str(BATCH)
-    assert [s for s, _ in history(own_mlflow, res.run_id)] == list(range(4, steps + 1, 4))
-    assert [s for s, _ in history(own_mlflow, res.run_id, "eval_neg_elbo_bits")] == [
-        steps // 2, steps]
+    assert [s for s, _ in metric_history(own_mlflow.uri, res.run_id, "loss")] == list(
+        range(4, steps + 1, 4)
+    )
+    assert [s for s, _ in metric_history(own_mlflow.uri, res.run_id, "eval_neg_elbo_bits")] == [
+        steps // 2,
+        steps,
+    ]
     assert res.model_version == "1"
-

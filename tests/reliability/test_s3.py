@@ -7,7 +7,6 @@ restarted on the same ports and data dir, and always stopped at the end.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import threading
@@ -22,6 +21,9 @@ from pipeline.data.errors import DataError
 from pipeline.data.ingest import ingest
 from pipeline.data.stream import ShardStream, make_loader
 from pipeline.storage import StorageError
+from tests.helpers import patched_environ
+
+pytestmark = pytest.mark.services  # a SeaweedFS of its own, stopped and restarted
 
 N = 1500  # samples, 15 shards of 100: the stream fetches 500 plan positions at a time
 SMALL = 300  # 3 shards of 100, for the outage tests
@@ -32,14 +34,20 @@ class OwnS3:
     def __init__(self, state: Path):
         import secrets
 
-        self.svc = stack.SeaweedFS(state, access_key="REL" + secrets.token_hex(6).upper(),
-                                      secret_key=secrets.token_hex(16))
+        self.svc = stack.SeaweedFS(
+            state, access_key="REL" + secrets.token_hex(6).upper(), secret_key=secrets.token_hex(16)
+        )
 
     def again(self) -> stack.SeaweedFS:
         """The same server: same ports, same data dir, same identity."""
         s = self.svc
-        return stack.SeaweedFS(s.state_dir, s.s3_port, access_key=s.access_key,
-                                  secret_key=s.secret_key, ports=s.role_ports)
+        return stack.SeaweedFS(
+            s.state_dir,
+            s.s3_port,
+            access_key=s.access_key,
+            secret_key=s.secret_key,
+            ports=s.role_ports,
+        )
 
     def up(self) -> None:
         self.again().start()
@@ -52,19 +60,25 @@ class OwnS3:
 def own_s3():
     state = Path(tempfile.mkdtemp(prefix="pl-s3r-", dir="/tmp"))
     s3 = OwnS3(state)
-    saved = {k: os.environ.get(k) for k in s3.svc.env}
     try:
         s3.up()
-        os.environ.update(s3.svc.env)
-        s3.url = s3.svc.make_bucket("rel-s3") + "/syn"
-        for url, count in ((s3.url, N), (f"{s3.url}-small", SMALL)):
-            ingest(IngestConfig(output_url=url, source="synthetic", synthetic_count=count,
-                                synthetic_size=8, shard_samples=100, test_fraction=0.0,
-                                workers=1), progress=False)
-        yield s3
+        with patched_environ(s3.svc.env):
+            s3.url = s3.svc.make_bucket("rel-s3") + "/syn"
+            for url, count in ((s3.url, N), (f"{s3.url}-small", SMALL)):
+                ingest(
+                    IngestConfig(
+                        output_url=url,
+                        source="synthetic",
+                        synthetic_count=count,
+                        synthetic_size=8,
+                        shard_samples=100,
+                        test_fraction=0.0,
+                        workers=1,
+                    ),
+                    progress=False,
+                )
+            yield s3
     finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         s3.down()
         shutil.rmtree(state, ignore_errors=True)
 
@@ -113,18 +127,14 @@ def test_s3_restart_mid_epoch_completes_the_epoch_exactly(s3_up):
 def streams_then_down(own_s3):
     """Streams over the small split, built (manifest read) while S3 is up; then S3 stops."""
     own_s3.up()
-    saved = {k: os.environ.get(k) for k in own_s3.svc.env}
-    os.environ.update(own_s3.svc.env)
-    try:
+    with patched_environ(own_s3.svc.env):
         url = f"{own_s3.url}-small"
-        streams = {"default_budget": stream(url, retries=2, retry_backoff=0.2),
-                   "large_budget": stream(url, retries=1, retry_backoff=0.1,
-                                          max_bad_samples=SMALL)}
+        streams = {
+            "default_budget": stream(url, retries=2, retry_backoff=0.2),
+            "large_budget": stream(url, retries=1, retry_backoff=0.1, max_bad_samples=SMALL),
+        }
         own_s3.down()
         yield own_s3, streams
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 @pytest.mark.timeout(120)

@@ -1,7 +1,7 @@
 """Nothing read from a shard can write outside its target: the shard reader writes nothing at
 all (tar members are parsed in memory, never extracted), in-process or in DataLoader worker
 processes, whatever the member names say. Archive ingest rejects such names outright
-(tests/test_data_ingest.py::test_archive_rejects_unsafe_member_names)."""
+(tests/data/test_ingest.py::test_archive_rejects_unsafe_member_names)."""
 
 from __future__ import annotations
 
@@ -11,22 +11,15 @@ import os
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from pipeline.data.config import StreamConfig
 from pipeline.data.manifest import Manifest, ShardInfo, write_manifest
 from pipeline.data.stream import ShardStream, make_loader
+from tests.helpers import gray_png
 
 pytestmark = pytest.mark.timeout(120)
 HOSTILE = ["../escape", "../../etc/escape", "/tmp/abs-escape", "a/../../escape2", "./../esc3"]
-
-
-def png(value: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((8, 8), value, np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def tree(root: Path) -> set[str]:
@@ -42,7 +35,7 @@ def hostile_split(tmp_path) -> Path:
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for i in range(8):
             key = HOSTILE[i] if i < len(HOSTILE) else f"ok-{i}"
-            for name, data in ((f"{key}.png", png(10 * i)), (f"{key}.cls", b"1")):
+            for name, data in ((f"{key}.png", gray_png(10 * i, 8)), (f"{key}.cls", b"1")):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -53,8 +46,17 @@ def hostile_split(tmp_path) -> Path:
                     tar.addfile(info)
     data = buf.getvalue()
     (split / "shard-000000.tar").write_bytes(data)
-    stats = {"count": 8, "width": 8, "height": 8, "mode": "L", "channels": 1, "mean": [0.5],
-             "std": [0.3], "encoding": "png", "classes": []}
+    stats = {
+        "count": 8,
+        "width": 8,
+        "height": 8,
+        "mode": "L",
+        "channels": 1,
+        "mean": [0.5],
+        "std": [0.3],
+        "encoding": "png",
+        "classes": [],
+    }
     shard = ShardInfo("shard-000000.tar", 8, len(data), hashlib.sha256(data).hexdigest())
     write_manifest(Manifest("train", [shard], stats), str(split))
     return split
@@ -95,9 +97,10 @@ def test_error_lines_redact_secrets(monkeypatch, capsys):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-4242")
     monkeypatch.setenv("SOME_SERVICE_TOKEN", "svc-token-4242")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "/tmp/token-path")  # a path, not a secret
-    assert cli.redact("https://bob:pw-4242@mlflow.example:5000/x and aws-secret-4242, "
-                      "svc-token-4242 at /tmp/token-path") == (
-        "https://***@mlflow.example:5000/x and ***, *** at /tmp/token-path")
+    assert cli.redact(
+        "https://bob:pw-4242@mlflow.example:5000/x and aws-secret-4242, "
+        "svc-token-4242 at /tmp/token-path"
+    ) == ("https://***@mlflow.example:5000/x and ***, *** at /tmp/token-path")
 
     def boom(args):
         raise PipelineError("s3://b/k: denied for aws-secret-4242\n  second line")

@@ -20,19 +20,33 @@ pytestmark = pytest.mark.timeout(60)
 
 def setup(norm: str = "group"):
     torch.manual_seed(0)
-    vae = VAE.from_config(ModelConfig(image_size=8, in_channels=1, channels=[2, 4], latent_dim=2,
-                                      norm=norm))
+    vae = VAE.from_config(
+        ModelConfig(image_size=8, in_channels=1, channels=[2, 4], latent_dim=2, norm=norm)
+    )
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-2, weight_decay=1e-2)
     ema = copy.deepcopy(vae).requires_grad_(False)
     x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    step = partial(train_step, Objective(vae), vae, opt, x, kl_weight=1.0, free_bits=0.0,
-                   grad_clip=1.0, ema=ema, ema_decay=0.9)
+    step = partial(
+        train_step,
+        Objective(vae),
+        vae,
+        opt,
+        x,
+        kl_weight=1.0,
+        free_bits=0.0,
+        grad_clip=1.0,
+        ema=ema,
+        ema_decay=0.9,
+    )
     return vae, opt, ema, step
 
 
 def snapshot(vae, opt, ema):
-    return (copy.deepcopy(vae.state_dict()), copy.deepcopy(opt.state_dict()),
-            copy.deepcopy(ema.state_dict()))
+    return (
+        copy.deepcopy(vae.state_dict()),
+        copy.deepcopy(opt.state_dict()),
+        copy.deepcopy(ema.state_dict()),
+    )
 
 
 def assert_identical(a, b):
@@ -59,8 +73,17 @@ def test_non_finite_step_is_skipped_and_changes_nothing(norm, fault):
     elif fault == "inf_loss":
         res = step(inject=lambda loss: loss + float("inf"))
     elif fault == "nan_input":  # a corrupt batch: BatchNorm's running stats see NaN
-        res = train_step(Objective(vae), vae, opt, torch.full((4, 1, 8, 8), float("nan")),
-                         kl_weight=1.0, free_bits=0.0, grad_clip=1.0, ema=ema, ema_decay=0.9)
+        res = train_step(
+            Objective(vae),
+            vae,
+            opt,
+            torch.full((4, 1, 8, 8), float("nan")),
+            kl_weight=1.0,
+            free_bits=0.0,
+            grad_clip=1.0,
+            ema=ema,
+            ema_decay=0.9,
+        )
     else:  # finite loss, one parameter's gradient infinite
         p = next(vae.parameters())
         handle = p.register_hook(lambda g: g * float("inf"))
@@ -120,8 +143,11 @@ def test_bad_sample_totals_survive_resume():
     resumed = BadSamples(totals)  # rank 0 restores the run totals from the checkpoint
     resumed.add([{"bad": "wrong_size"}])
     assert BadSamples.as_metrics(resumed.totals()) == {
-        "bad_samples": 6.0, "bad_samples.decode_error": 4.0, "bad_samples.no_image": 1.0,
-        "bad_samples.wrong_size": 1.0}
+        "bad_samples": 6.0,
+        "bad_samples.decode_error": 4.0,
+        "bad_samples.no_image": 1.0,
+        "bad_samples.wrong_size": 1.0,
+    }
 
 
 def test_bad_samples_reconcile_with_the_reader_when_it_raises():
@@ -149,8 +175,9 @@ def test_deterministic_failures_are_recorded_once_and_not_replayed(tmp_path):
     assert fatal.record(url, err, 7)
     with pytest.raises(BadDataError) as again:  # the restarted attempt fails at once
         fatal.check(url)
-    assert str(again.value) == (f"{err} (at step 7; not retried: a restart would fail the "
-                                "same way)")
+    assert str(again.value) == (
+        f"{err} (at step 7; not retried: a restart would fail the same way)"
+    )
     fatal.clear(url)  # a new launch
     fatal.check(url)
     with pytest.raises(SkipBudgetExceeded, match="^6 steps skipped"):

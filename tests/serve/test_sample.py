@@ -22,68 +22,101 @@ from pipeline.serve.gallery import MARKER, config_hash, run_sample
 from pipeline.train import checkpoint
 from pipeline.train.config import TrainJob
 from pipeline.typed import build
+from tests.helpers import experiment_runs, patched_environ
 
-MODEL = {"image_size": 28, "in_channels": 1, "channels": [8, 16], "latent_dim": 8,
-         "likelihood": "bernoulli"}
+MODEL = {
+    "image_size": 28,
+    "in_channels": 1,
+    "channels": [8, 16],
+    "latent_dim": 8,
+    "likelihood": "bernoulli",
+}
 
 
 @pytest.fixture(scope="module")
 def registered(s3, mlflow_server, tmp_path_factory):
     """Synthetic shards on S3 and a tiny VAE trained for 60 steps, registered as @candidate."""
-    import os
 
     import mlflow
     from ray.train import Checkpoint
 
     from pipeline.train.driver import register_model
 
-    old = {k: os.environ.get(k) for k in s3.env}
-    os.environ.update(s3.env)
-    data = s3.make_bucket("sample-data") + "/synth"
-    ingest(IngestConfig(output_url=data, source="synthetic", synthetic_count=96,
-                        synthetic_size=28, test_fraction=0.5, shard_samples=16), progress=False)
-    job = build(TrainJob, {"data": {"train_url": f"{data}/train"}, "model": MODEL,
-                           "tracking": {"mlflow_uri": mlflow_server.uri,
-                                        "registered_model": "gallery-vae", "alias": "candidate"}})
-    torch.manual_seed(0)
-    vae = VAE.from_config(job.model)
-    opt = torch.optim.Adam(vae.parameters(), 3e-3)
-    x = read_images(f"{data}/train", 48, 28, 1)
-    for _ in range(60):
-        opt.zero_grad()
-        elbo_terms(vae, x)["loss"].backward()
-        opt.step()
-    mlflow.set_tracking_uri(mlflow_server.uri)
-    mlflow.set_experiment("gallery-train")
-    with mlflow.start_run() as run:
-        mlflow.log_metric("loss", 1.0)
-    ckdir = tmp_path_factory.mktemp("ckpt")
-    checkpoint.save(ckdir, model=vae, state={"step": 60, "epoch": 0, "mlflow_run_id": run.info.run_id,
-                                             "config": {"model": MODEL}})
-    version, _ = register_model(job, run.info.run_id, Checkpoint.from_directory(str(ckdir)))
-    yield {"data": data, "version": version, "run_id": run.info.run_id, "ckpt": str(ckdir)}
-    for k, v in old.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    with patched_environ(s3.env):
+        data = s3.make_bucket("sample-data") + "/synth"
+        ingest(
+            IngestConfig(
+                output_url=data,
+                source="synthetic",
+                synthetic_count=96,
+                synthetic_size=28,
+                test_fraction=0.5,
+                shard_samples=16,
+            ),
+            progress=False,
+        )
+        job = build(
+            TrainJob,
+            {
+                "data": {"train_url": f"{data}/train"},
+                "model": MODEL,
+                "tracking": {
+                    "mlflow_uri": mlflow_server.uri,
+                    "registered_model": "gallery-vae",
+                    "alias": "candidate",
+                },
+            },
+        )
+        torch.manual_seed(0)
+        vae = VAE.from_config(job.model)
+        opt = torch.optim.Adam(vae.parameters(), 3e-3)
+        x = read_images(f"{data}/train", 48, 28, 1)
+        for _ in range(60):
+            opt.zero_grad()
+            elbo_terms(vae, x)["loss"].backward()
+            opt.step()
+        mlflow.set_tracking_uri(mlflow_server.uri)
+        mlflow.set_experiment("gallery-train")
+        with mlflow.start_run() as run:
+            mlflow.log_metric("loss", 1.0)
+        ckdir = tmp_path_factory.mktemp("ckpt")
+        checkpoint.save(
+            ckdir,
+            model=vae,
+            state={
+                "step": 60,
+                "epoch": 0,
+                "mlflow_run_id": run.info.run_id,
+                "config": {"model": MODEL},
+            },
+        )
+        version, _ = register_model(job, run.info.run_id, Checkpoint.from_directory(str(ckdir)))
+        yield {"data": data, "version": version, "run_id": run.info.run_id, "ckpt": str(ckdir)}
 
 
 def sample_job(mlflow_server, output_url, data_url, **over) -> SampleJob:
-    s = {"output_url": output_url, "model_name": "gallery-vae", "model_alias": "candidate",
-         "data_url": data_url, "temperatures": [0.5, 1.0], "seed": 3, **over}
-    return build(SampleJob, {"sample": s, "tracking": {"mlflow_uri": mlflow_server.uri,
-                                                        "experiment": "galleries"}})
+    s = {
+        "output_url": output_url,
+        "model_name": "gallery-vae",
+        "model_alias": "candidate",
+        "data_url": data_url,
+        "temperatures": [0.5, 1.0],
+        "seed": 3,
+        **over,
+    }
+    return build(
+        SampleJob,
+        {"sample": s, "tracking": {"mlflow_uri": mlflow_server.uri, "experiment": "galleries"}},
+    )
 
 
 def objects(url: str) -> dict[str, bytes]:
     fs, root = storage.get_fs(url)
-    return {p[len(root):]: fs.cat_file(p) for p in fs.find(root)} if fs.exists(root) else {}
+    return {p[len(root) :]: fs.cat_file(p) for p in fs.find(root)} if fs.exists(root) else {}
 
 
 def gallery_runs(mlflow_server) -> int:
-    from mlflow.tracking import MlflowClient
-
-    c = MlflowClient(mlflow_server.uri)
-    exp = c.get_experiment_by_name("galleries")
-    return len(c.search_runs([exp.experiment_id])) if exp else 0
+    return len(experiment_runs(mlflow_server.uri, "galleries"))
 
 
 def test_gallery_dimensions_links_and_idempotence(registered, s3_env, mlflow_server):
@@ -93,9 +126,13 @@ def test_gallery_dimensions_links_and_idempotence(registered, s3_env, mlflow_ser
     assert url == f"{out}/gallery-vae/v{registered['version']}/{config_hash(job.sample)}"
     files = objects(url)
     pad = lambda n: n * 30 + 2  # noqa: E731  (28-px tiles, 2-px padding)
-    expected = {"prior_t0.5.png": (pad(8), pad(8)), "prior_t1.png": (pad(8), pad(8)),
-                "reconstructions.png": (pad(8), pad(8)), "interpolations.png": (pad(8), pad(10)),
-                "traversals.png": (pad(8), pad(9))}
+    expected = {
+        "prior_t0.5.png": (pad(8), pad(8)),
+        "prior_t1.png": (pad(8), pad(8)),
+        "reconstructions.png": (pad(8), pad(8)),
+        "interpolations.png": (pad(8), pad(10)),
+        "traversals.png": (pad(8), pad(9)),
+    }
     for name, (h, w) in expected.items():
         img = Image.open(io.BytesIO(files["/" + name]))
         assert (img.height, img.width) == (h, w), name
@@ -126,8 +163,10 @@ def test_gallery_dimensions_links_and_idempotence(registered, s3_env, mlflow_ser
 
 def test_same_seed_byte_identical(registered, s3_env, mlflow_server):
     bucket = s3_env.make_bucket("galleries-seed")
-    urls = [run_sample(sample_job(mlflow_server, f"{bucket}/{d}", f"{registered['data']}/test"))
-            for d in ("a", "b")]
+    urls = [
+        run_sample(sample_job(mlflow_server, f"{bucket}/{d}", f"{registered['data']}/test"))
+        for d in ("a", "b")
+    ]
     a, b = objects(urls[0]), objects(urls[1])
     pngs = [k for k in a if k.endswith(".png")]
     assert len(pngs) == 5 and all(a[k] == b[k] for k in pngs)
@@ -137,7 +176,11 @@ def test_from_checkpoint_url(registered, tmp_path, mlflow_server):
     job = sample_job(mlflow_server, str(tmp_path / "out"), "", checkpoint_url=registered["ckpt"])
     url = run_sample(job)
     assert sorted(p.name for p in Path(url).iterdir()) == [
-        MARKER, "index.html", "prior_t0.5.png", "prior_t1.png"]
+        MARKER,
+        "index.html",
+        "prior_t0.5.png",
+        "prior_t1.png",
+    ]
 
 
 def test_large_n_writes_exactly_n(registered, s3_env, mlflow_server, ray_env):
@@ -145,8 +188,7 @@ def test_large_n_writes_exactly_n(registered, s3_env, mlflow_server, ray_env):
 
     ray.init(address=ray_env.address)
     out = s3_env.make_bucket("galleries-large") + "/g"
-    job = sample_job(mlflow_server, out, "", num_samples=300, samples_per_shard=128,
-                     batch_size=64)
+    job = sample_job(mlflow_server, out, "", num_samples=300, samples_per_shard=128, batch_size=64)
     url = run_sample(job)
     files = objects(f"{url}/samples")
     manifest = json.loads(files["/manifest.json"])
@@ -160,8 +202,11 @@ def test_large_n_writes_exactly_n(registered, s3_env, mlflow_server, ray_env):
 
 @pytest.mark.parametrize("case", ["missing_model", "missing_alias", "mlflow_down", "s3_down"])
 def test_clear_errors(case, registered, s3_env, mlflow_server, tmp_path, capsys, monkeypatch):
-    s = {"output_url": str(tmp_path / "out"), "model_name": "gallery-vae",
-         "model_alias": "candidate"}
+    s = {
+        "output_url": str(tmp_path / "out"),
+        "model_name": "gallery-vae",
+        "model_alias": "candidate",
+    }
     uri = mlflow_server.uri
     if case == "missing_model":
         s["model_name"] = "no-such-model"
@@ -180,15 +225,24 @@ def test_clear_errors(case, registered, s3_env, mlflow_server, tmp_path, capsys,
     path = tmp_path / "sample.yaml"
     import yaml
 
-    path.write_text(yaml.safe_dump({"kind": "sample", "entrypoint": "python -m pipeline sample x",
-                                    "config": {"sample": s, "tracking": {"mlflow_uri": uri}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "kind": "sample",
+                "entrypoint": "python -m pipeline sample x",
+                "config": {"sample": s, "tracking": {"mlflow_uri": uri}},
+            }
+        )
+    )
     assert cli.main(["sample", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    want = {"missing_model": "model 'no-such-model' alias 'candidate' not found",
-            "missing_alias": "model 'gallery-vae' alias 'production' not found",
-            "mlflow_down": f"MLflow at {uri} unreachable",
-            "s3_down": "s3://galleries-down/g"}[case]
+    want = {
+        "missing_model": "model 'no-such-model' alias 'candidate' not found",
+        "missing_alias": "model 'gallery-vae' alias 'production' not found",
+        "mlflow_down": f"MLflow at {uri} unreachable",
+        "s3_down": "s3://galleries-down/g",
+    }[case]
     assert want in err[0]
     if case == "s3_down":
         assert dead in err[0]

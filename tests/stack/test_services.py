@@ -18,19 +18,9 @@ from pathlib import Path
 import pytest
 
 from pipeline import stack
-from tests.helpers import LOOPBACK_IPS, wait_for
+from tests.helpers import LOOPBACK_IPS, listening, wait_for
 
-
-def listening(svc: stack.Service) -> set[tuple[str, int]]:
-    """(ip, port) of every LISTEN socket held by ``svc``'s processes."""
-    found = set()
-    for proc in svc.processes():
-        try:
-            conns = proc.net_connections(kind="inet")
-        except stack.psutil().Error:
-            continue
-        found |= {(c.laddr.ip, c.laddr.port) for c in conns if c.status == "LISTEN"}
-    return found
+pytestmark = pytest.mark.services  # also: the stack's own up/down, without fixtures
 
 
 def http_status(url: str, method: str = "GET", headers=None, data: bytes | None = None) -> int:
@@ -44,8 +34,12 @@ def http_status(url: str, method: str = "GET", headers=None, data: bytes | None 
 
 def run_job(client, entrypoint: str, timeout: float = 90) -> tuple[str, str]:
     job_id = client.submit_job(entrypoint=entrypoint)
-    status = wait_for(lambda: (s := client.get_job_status(job_id)).is_terminal() and s,
-                      timeout, f"ray job {job_id}", interval=0.5)  # fmt: skip
+    status = wait_for(
+        lambda: (s := client.get_job_status(job_id)).is_terminal() and s,
+        timeout,
+        f"ray job {job_id}",
+        interval=0.5,
+    )
     return str(status), client.get_job_logs(job_id)
 
 
@@ -64,6 +58,7 @@ def test_servers_listen_on_loopback_only(s3, mlflow_server, ray_cluster, prometh
         prometheus: {prometheus.port},
     }
     for svc, ports in expected.items():
+
         def all_up(svc=svc, ports=ports):
             socks = listening(svc)
             return ports <= {port for _, port in socks} and socks
@@ -94,12 +89,17 @@ def test_s3_refuses_anonymous_and_wrong_keys(s3):
     import botocore.session
     from botocore.exceptions import ClientError
 
-    for key, secret, code in [(s3.access_key, "wrong" * 8, "SignatureDoesNotMatch"),
-                              ("NOSUCHKEY000", s3.secret_key, "InvalidAccessKeyId")]:  # fmt: skip
+    for key, secret, code in [
+        (s3.access_key, "wrong" * 8, "SignatureDoesNotMatch"),
+        ("NOSUCHKEY000", s3.secret_key, "InvalidAccessKeyId"),
+    ]:
         bad = botocore.session.get_session().create_client(
-            "s3", endpoint_url=url, region_name="us-east-1",
-            aws_access_key_id=key, aws_secret_access_key=secret,
-        )  # fmt: skip
+            "s3",
+            endpoint_url=url,
+            region_name="us-east-1",
+            aws_access_key_id=key,
+            aws_secret_access_key=secret,
+        )
         with pytest.raises(ClientError) as err:
             bad.get_object(Bucket=bucket, Key="hello.txt")
         assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
@@ -153,11 +153,18 @@ def test_ray_refuses_clients_without_token(ray_cluster, tmp_path, monkeypatch):
     # a driver without the token is refused by the GCS; Ray retries for a minute, so we watch
     log = tmp_path / "no-token.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", DRIVER, ray_cluster.address], stdout=out,
-                                stderr=subprocess.STDOUT, env=_driver_env(tmp_path, False, ray_cluster))  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-c", DRIVER, ray_cluster.address],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_driver_env(tmp_path, False, ray_cluster),
+        )
     try:
-        wait_for(lambda: "InvalidAuthToken" in log.read_text() or proc.poll() is not None,
-                 45, "the tokenless driver to be refused")  # fmt: skip
+        wait_for(
+            lambda: "InvalidAuthToken" in log.read_text() or proc.poll() is not None,
+            45,
+            "the tokenless driver to be refused",
+        )
         assert "InvalidAuthToken" in log.read_text()
         assert "sum 42" not in log.read_text()
     finally:
@@ -166,8 +173,13 @@ def test_ray_refuses_clients_without_token(ray_cluster, tmp_path, monkeypatch):
 
 
 def test_ray_driver_with_token_connects(ray_cluster, tmp_path):
-    out = subprocess.run([sys.executable, "-c", DRIVER, ray_cluster.address], capture_output=True,
-                         text=True, timeout=90, env=_driver_env(tmp_path, True, ray_cluster))  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", DRIVER, ray_cluster.address],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=_driver_env(tmp_path, True, ray_cluster),
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "sum 42" in out.stdout
 
@@ -183,8 +195,9 @@ def test_ray_init_in_process_sees_s3_env(ray_env, s3):
         return {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID")}
 
     assert ray.get(worker_env.remote()) == {
-        "AWS_ENDPOINT_URL": s3.endpoint_url, "AWS_ACCESS_KEY_ID": s3.access_key,
-    }  # fmt: skip
+        "AWS_ENDPOINT_URL": s3.endpoint_url,
+        "AWS_ACCESS_KEY_ID": s3.access_key,
+    }
 
 
 def test_job_submission_returns_logs(ray_cluster):
@@ -230,8 +243,11 @@ def test_prometheus_scrapes_file_sd_target(prometheus):
     server, thread = prometheus_client.start_http_server(port, "127.0.0.1", registry=registry)
     target = prometheus.targets_dir / "test-worker.json"
     try:
-        target.write_text(json.dumps([{"targets": [f"127.0.0.1:{port}"],
-                                       "labels": {"job": "training", "rank": "0"}}]))  # fmt: skip
+        target.write_text(
+            json.dumps(
+                [{"targets": [f"127.0.0.1:{port}"], "labels": {"job": "training", "rank": "0"}}]
+            )
+        )
         instance = f'instance="127.0.0.1:{port}"'
 
         def up_value():
@@ -274,8 +290,15 @@ def test_stack_up_idempotent_down_leaves_nothing(stack_dir, monkeypatch, prometh
     assert (stack_dir / "ray_auth_token").stat().st_mode & 0o777 == 0o600
     secret = stack.read_env_file(creds)["AWS_SECRET_ACCESS_KEY"]
     assert secret not in (stack_dir / "env").read_text()
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI", "RAY_ADDRESS",
-                "RAY_AUTH_MODE", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):  # fmt: skip
+    for key in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "MLFLOW_TRACKING_URI",
+        "RAY_ADDRESS",
+        "RAY_AUTH_MODE",
+        "AWS_ENDPOINT_URL",
+        "MLFLOW_S3_ENDPOINT_URL",
+    ):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("RAY_AUTH_MODE", "kept")
     saved = dict(os.environ)  # load_stack_env writes os.environ directly: restore it after
@@ -303,17 +326,23 @@ def test_stack_up_idempotent_down_leaves_nothing(stack_dir, monkeypatch, prometh
     ray = stack.services(stack_dir)[2]
     from ray.job_submission import JobSubmissionClient
 
-    lister = ("import botocore.session as b; c = b.get_session().create_client('s3'); "
-              "print(sorted(x['Name'] for x in c.list_buckets()['Buckets']))")  # fmt: skip
-    status, logs = run_job(JobSubmissionClient(ray.dashboard_url, headers=ray.headers),
-                           f'python -c "{lister}"')  # fmt: skip
+    lister = (
+        "import botocore.session as b; c = b.get_session().create_client('s3'); "
+        "print(sorted(x['Name'] for x in c.list_buckets()['Buckets']))"
+    )
+    status, logs = run_job(
+        JobSubmissionClient(ray.dashboard_url, headers=ray.headers), f'python -c "{lister}"'
+    )
     assert status == "SUCCEEDED", logs
     assert "['checkpoints', 'data', 'mlflow']" in logs
 
     # Prometheus finds Ray's metrics endpoints through Ray's own file_sd file
     prom = stack.services(stack_dir)[3]
-    wait_for(lambda: any(r["value"][1] == "1" for r in prom.query('up{job="ray"}')),
-             45, "prometheus to scrape ray's metrics")  # fmt: skip
+    wait_for(
+        lambda: any(r["value"][1] == "1" for r in prom.query('up{job="ray"}')),
+        45,
+        "prometheus to scrape ray's metrics",
+    )
 
     procs = [p for svc in stack.services(stack_dir) for p in svc.processes()]
     stopped = dict(stack.down(stack_dir))

@@ -16,7 +16,6 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -28,10 +27,10 @@ from pipeline.data.ingest import ingest
 from pipeline.jobs import load_job
 from pipeline.submit import runtime_env_for
 from pipeline.train import checkpoint
-from tests.helpers import LOOPBACK_IPS, wait_for
+from tests.helpers import LOOPBACK_IPS, keys_by_step, listening, read_keys, wait_for
 from tests.ray_node import RayWorkerNode
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.services]  # its own Ray head and second node
 
 N_TRAIN = 1000
 BATCH = 32
@@ -48,12 +47,19 @@ OBJECT_STORE = 256 * 2**20
 def state(head: stack.RayHead, kind: str, **filters: str) -> list[dict]:
     """Ray's state API (``ray list actors|nodes|placement-groups``) over HTTP with the head's
     token; ``ray.util.state`` would take the token from process-wide env instead."""
-    query = urllib.parse.urlencode({
-        "filter_keys": list(filters), "filter_predicates": ["="] * len(filters),
-        "filter_values": list(filters.values()), "detail": "true", "limit": 1000,
-    }, doseq=True)  # fmt: skip
-    req = urllib.request.Request(f"{head.dashboard_url}/api/v0/{kind}?{query}",
-                                 headers=head.headers)  # fmt: skip
+    query = urllib.parse.urlencode(
+        {
+            "filter_keys": list(filters),
+            "filter_predicates": ["="] * len(filters),
+            "filter_values": list(filters.values()),
+            "detail": "true",
+            "limit": 1000,
+        },
+        doseq=True,
+    )
+    req = urllib.request.Request(
+        f"{head.dashboard_url}/api/v0/{kind}?{query}", headers=head.headers
+    )
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.load(r)["data"]["result"]["result"]
 
@@ -62,23 +68,10 @@ def train_workers(head: stack.RayHead) -> list[dict]:
     return state(head, "actors", class_name="RayTrainWorker", state="ALIVE")
 
 
-def listening(svc: stack.Service) -> set[tuple[str, int]]:
-    """(ip, port) of every LISTEN socket held by ``svc``'s processes."""
-    found = set()
-    for proc in svc.processes():
-        try:
-            conns = proc.net_connections(kind="inet")
-        except stack.psutil().Error:
-            continue
-        found |= {(c.laddr.ip, c.laddr.port) for c in conns if c.status == "LISTEN"}
-    return found
-
-
 def train_runs(head: stack.RayHead) -> list[dict]:
     """Ray Train V2's own record of its runs and their attempts (the dashboard's Train view;
     needs RAY_TRAIN_ENABLE_STATE_TRACKING=1 in the driver)."""
-    req = urllib.request.Request(f"{head.dashboard_url}/api/train/v2/runs/v1",
-                                 headers=head.headers)  # fmt: skip
+    req = urllib.request.Request(f"{head.dashboard_url}/api/train/v2/runs/v1", headers=head.headers)
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.load(r)["train_runs"]
 
@@ -101,8 +94,7 @@ def cluster(s3):
     theirs (also of killed node incarnations) is gone afterwards."""
     state_dir = Path(tempfile.mkdtemp(prefix="pl-mn-", dir="/tmp"))  # short: unix sockets
     head = stack.RayHead(state_dir, num_cpus=1, env=s3.env, object_store_memory=OBJECT_STORE)
-    node = RayWorkerNode(state_dir, head, num_cpus=1, env=s3.env,
-                         object_store_memory=OBJECT_STORE)  # fmt: skip
+    node = RayWorkerNode(state_dir, head, num_cpus=1, env=s3.env, object_store_memory=OBJECT_STORE)
     markers: set[str] = set()
     try:
         head.start()
@@ -123,8 +115,12 @@ def cluster(s3):
 def fmnist_url(s3_env):
     """Fashion-MNIST, the first 1000 train and 1000 test images, as 125-sample shards."""
     url = s3_env.make_bucket("multinode-data") + "/fmnist"
-    ingest(IngestConfig(output_url=url, source="fashion_mnist", limit=N_TRAIN,
-                        shard_samples=125, workers=2), progress=False)  # fmt: skip
+    ingest(
+        IngestConfig(
+            output_url=url, source="fashion_mnist", limit=N_TRAIN, shard_samples=125, workers=2
+        ),
+        progress=False,
+    )
     return url
 
 
@@ -142,37 +138,58 @@ def dataset_keys(s3, split_url: str) -> set[str]:
 
 def write_job(path: Path, data_url: str, mlflow_uri: str, env_vars: dict[str, str]) -> Path:
     """A train job yaml as a user would write it for a cluster (entrypoint, runtime_env)."""
-    path.write_text(yaml.safe_dump({
-        "kind": "train",
-        "entrypoint": f"python -m pipeline train {path}",
-        "runtime_env": {"working_dir": str(stack.REPO_ROOT), "env_vars": env_vars},
-        "config": {
-            "data": {"train_url": f"{data_url}/train", "test_url": f"{data_url}/test",
-                     "num_workers": 0, "shuffle_buffer": 64},
-            "model": {"image_size": 28, "in_channels": 1, "channels": [8, 16], "latent_dim": 8,
-                      "likelihood": "bernoulli"},
-            "optim": {"epochs": EPOCHS, "batch_size": BATCH, "lr": 3e-3, "warmup_steps": 4,
-                      "checkpoint_every": CKPT_EVERY, "log_every": 4, "eval_batches": 2,
-                      "iwae_k": 8, "iwae_images": 16, "torch_threads": 1},
-            "scaling": {"num_workers": WORLD, "cpus_per_worker": 1,
-                        "storage_path": f"s3://ckpt-{NAME}/ray", "name": NAME,
-                        "max_failures": 1, "num_to_keep": 2},
-            "tracking": {"mlflow_uri": mlflow_uri, "experiment": f"test-{NAME}",
-                         "registered_model": f"test-{NAME}", "metrics_port": -1},
-        },
-    }, sort_keys=False))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "kind": "train",
+                "entrypoint": f"python -m pipeline train {path}",
+                "runtime_env": {"working_dir": str(stack.REPO_ROOT), "env_vars": env_vars},
+                "config": {
+                    "data": {
+                        "train_url": f"{data_url}/train",
+                        "test_url": f"{data_url}/test",
+                        "num_workers": 0,
+                        "shuffle_buffer": 64,
+                    },
+                    "model": {
+                        "image_size": 28,
+                        "in_channels": 1,
+                        "channels": [8, 16],
+                        "latent_dim": 8,
+                        "likelihood": "bernoulli",
+                    },
+                    "optim": {
+                        "epochs": EPOCHS,
+                        "batch_size": BATCH,
+                        "lr": 3e-3,
+                        "warmup_steps": 4,
+                        "checkpoint_every": CKPT_EVERY,
+                        "log_every": 4,
+                        "eval_batches": 2,
+                        "iwae_k": 8,
+                        "iwae_images": 16,
+                        "torch_threads": 1,
+                    },
+                    "scaling": {
+                        "num_workers": WORLD,
+                        "cpus_per_worker": 1,
+                        "storage_path": f"s3://ckpt-{NAME}/ray",
+                        "name": NAME,
+                        "max_failures": 1,
+                        "num_to_keep": 2,
+                    },
+                    "tracking": {
+                        "mlflow_uri": mlflow_uri,
+                        "experiment": f"test-{NAME}",
+                        "registered_model": f"test-{NAME}",
+                        "metrics_port": -1,
+                    },
+                },
+            },
+            sort_keys=False,
+        )
+    )
     return path
-
-
-def read_keys(keys_dir: Path) -> dict[int, dict[tuple[int, int], list[str]]]:
-    """rank -> (epoch, step) -> keys, in consumption order over all attempts."""
-    out: dict[int, dict[tuple[int, int], list[str]]] = {}
-    for f in sorted(keys_dir.glob("rank*.txt")):
-        steps = out.setdefault(int(f.stem.removeprefix("rank")), defaultdict(list))
-        for line in f.read_text().splitlines():
-            e, s, k = line.split()
-            steps[(int(e), int(s))].append(k)
-    return out
 
 
 def committed_step(s3) -> int | None:
@@ -181,16 +198,18 @@ def committed_step(s3) -> int | None:
     (every 2 s); a node lost before that loses the checkpoint even though its files exist."""
     client = s3.client()
     try:
-        body = client.get_object(Bucket=f"ckpt-{NAME}",
-                                 Key=f"ray/{NAME}/checkpoint_manager_snapshot.json")["Body"].read()
+        body = client.get_object(
+            Bucket=f"ckpt-{NAME}", Key=f"ray/{NAME}/checkpoint_manager_snapshot.json"
+        )["Body"].read()
     except client.exceptions.NoSuchKey:
         return None
     latest = json.loads(body)["latest_checkpoint_result"]
     return latest["metrics"]["step"] if latest else None
 
 
-def test_two_nodes_split_data_and_survive_node_death(cluster, fmnist_url, mlflow_server, s3,
-                                                     tmp_path):
+def test_two_nodes_split_data_and_survive_node_death(
+    cluster, fmnist_url, mlflow_server, s3, tmp_path
+):
     from mlflow.tracking import MlflowClient
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -201,6 +220,7 @@ def test_two_nodes_split_data_and_survive_node_death(cluster, fmnist_url, mlflow
     first_id = node.node_id()
     assert sorted(n["node_id"] for n in nodes) == sorted([head_id, first_id])
     assert [(n["node_ip"], n["resources_total"]["CPU"]) for n in nodes] == [("127.0.0.1", 1)] * 2
+
     # the second node, like the head, listens on loopback only
     def node_sockets():
         socks = listening(node)
@@ -212,12 +232,22 @@ def test_two_nodes_split_data_and_survive_node_death(cluster, fmnist_url, mlflow
 
     keys_dir, paused = tmp_path / "keys", tmp_path / "paused.pid"
     keys_dir.mkdir()
-    spec = load_job(write_job(tmp_path / "train-multinode.yaml", fmnist_url, mlflow_server.uri, {
-        "OMP_NUM_THREADS": "1", "PIPELINE_RECORD_KEYS_DIR": str(keys_dir),
-        "PIPELINE_FAULT_KILL_STEP": str(PAUSE_STEP), "PIPELINE_FAULT_KILL_RANK": "1",
-        "PIPELINE_FAULT_MARKER": str(paused), "PIPELINE_FAULT_KILL_DELAY": "90",
-        "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",  # Ray Train's run/attempt records, below
-    }))  # fmt: skip
+    spec = load_job(
+        write_job(
+            tmp_path / "train-multinode.yaml",
+            fmnist_url,
+            mlflow_server.uri,
+            {
+                "OMP_NUM_THREADS": "1",
+                "PIPELINE_RECORD_KEYS_DIR": str(keys_dir),
+                "PIPELINE_FAULT_KILL_STEP": str(PAUSE_STEP),
+                "PIPELINE_FAULT_KILL_RANK": "1",
+                "PIPELINE_FAULT_MARKER": str(paused),
+                "PIPELINE_FAULT_KILL_DELAY": "90",
+                "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",  # Ray Train's run/attempt records, below
+            },
+        )
+    )
     runtime_env = runtime_env_for(spec)
     client = JobSubmissionClient(head.dashboard_url, headers=head.headers)
     job_id = client.submit_job(entrypoint=spec.entrypoint, runtime_env=runtime_env)
@@ -246,8 +276,12 @@ def test_two_nodes_split_data_and_survive_node_death(cluster, fmnist_url, mlflow
         def stalled() -> bool:
             [run] = train_runs(head)
             pgs = [p["state"] for p in state(head, "placement_groups")]
-            return (run["status"] == "SCHEDULING" and run["attempts"][-1]["status"] == "PENDING"
-                    and "PENDING" in pgs and not train_workers(head))  # fmt: skip
+            return (
+                run["status"] == "SCHEDULING"
+                and run["attempts"][-1]["status"] == "PENDING"
+                and "PENDING" in pgs
+                and not train_workers(head)
+            )
 
         wait_for(stalled, 60, "Ray Train waiting to place the worker group again")
         sizes = {f.name: f.stat().st_size for f in keys_dir.iterdir()}
@@ -266,8 +300,9 @@ def test_two_nodes_split_data_and_survive_node_death(cluster, fmnist_url, mlflow
             client.stop_job(job_id)
     logs = client.get_job_logs(job_id)
     (tmp_path / "job.log").write_text(logs)
-    print(f"node death noticed by the GCS after {t_dead:.1f}s; "
-          f"test body {time.monotonic() - t0:.0f}s")
+    print(
+        f"node death noticed by the GCS after {t_dead:.1f}s; test body {time.monotonic() - t0:.0f}s"
+    )
     assert final == JobStatus.SUCCEEDED, logs[-5000:]
 
     # Ray Train's record: one run, two attempts. The first placed one rank per node and ended
@@ -309,10 +344,11 @@ def test_two_nodes_split_data_and_survive_node_death(cluster, fmnist_url, mlflow
     # Samples, by rank and so by node: every step once, except steps 9..12 of epoch 0 (after
     # the checkpoint, up to the kill), replayed on the same samples. Per epoch the two nodes'
     # samples are disjoint and cover the data set but for the 40-sample remainder.
-    keys = read_keys(keys_dir)
+    keys = {rank: keys_by_step(rows) for rank, rows in read_keys(keys_dir).items()}  # by step
     assert sorted(keys) == [0, 1]
-    want = [(e, s) for e in range(EPOCHS)
-            for s in range(e * PER_EPOCH + 1, (e + 1) * PER_EPOCH + 1)]  # fmt: skip
+    want = [
+        (e, s) for e in range(EPOCHS) for s in range(e * PER_EPOCH + 1, (e + 1) * PER_EPOCH + 1)
+    ]
     for rank in (0, 1):
         assert sorted(keys[rank]) == want
         for (e, s), ks in keys[rank].items():
@@ -323,8 +359,9 @@ def test_two_nodes_split_data_and_survive_node_death(cluster, fmnist_url, mlflow
     everything = dataset_keys(s3, f"{fmnist_url}/train")
     assert len(everything) == N_TRAIN
     for e in range(EPOCHS):
-        seen = [{k for (ee, _), ks in keys[r].items() if ee == e for k in ks[:BATCH]}
-                for r in (0, 1)]  # fmt: skip
+        seen = [
+            {k for (ee, _), ks in keys[r].items() if ee == e for k in ks[:BATCH]} for r in (0, 1)
+        ]
         assert len(seen[0]) == len(seen[1]) == PER_EPOCH * BATCH, (e, rank_node)
         assert not seen[0] & seen[1]
         assert seen[0] | seen[1] <= everything
