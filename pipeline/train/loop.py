@@ -23,6 +23,7 @@ import torch
 
 from pipeline.data.stream import ShardStream, make_loader
 from pipeline.model import VAE, elbo_terms, evaluate, kl_warmup
+from pipeline.model.quality import binarize, binarize_fixed
 from pipeline.serve.images import grid
 from pipeline.train import checkpoint, fatal, faults
 from pipeline.train.config import OptimConfig, TrainJob
@@ -33,6 +34,7 @@ from pipeline.train.step import (
     Objective,
     Precision,
     SkipBudget,
+    StepResult,
     noise_seed,
     prepare_layout,
     train_step,
@@ -158,6 +160,68 @@ class RunState:
         if self.rank == 0:
             print(f"resumed from checkpoint at epoch {self.epoch} step {self.step}", flush=True)
 
+    def kl_weight(self) -> float:
+        o = self.job.optim
+        return o.kl_weight * kl_warmup(self.step, o.kl_warmup_steps)
+
+    def train_step(
+        self,
+        model: torch.nn.Module,
+        x: torch.Tensor,
+        noise: torch.Generator,
+        metrics: WorkerMetrics,
+    ) -> StepResult:
+        """One optimizer step (skipped whole if not finite), the schedule, the step count."""
+        o = self.job.optim
+        res = train_step(
+            model,
+            self.vae,
+            self.opt,
+            x,
+            kl_weight=self.kl_weight(),
+            free_bits=o.free_bits,
+            grad_clip=o.grad_clip,
+            precision=self.precision,
+            ema=self.ema,
+            ema_decay=o.ema_decay,
+            inject=partial(faults.corrupt_loss, self.step + 1, self.rank),
+            generator=noise,
+        )
+        if res.skipped:
+            metrics.skipped_steps.inc()
+            if self.rank == 0:
+                print(
+                    f"step {self.step + 1}: non-finite loss or gradient, step skipped "
+                    f"({self.budget.count + 1} so far)",
+                    flush=True,
+                )
+        self.budget.record(res.skipped)
+        self.sched.step()
+        self.step += 1
+        return res
+
+    def checkpoint_due(self) -> bool:
+        """A mid-epoch checkpoint step (the epoch's last step checkpoints anyway)."""
+        every = self.job.optim.checkpoint_every
+        return bool(every and self.step % every == 0 and self.step % len(self.stream))
+
+    def end_epoch(self) -> None:
+        self.epoch += 1
+        self.stream.set_epoch(self.epoch)
+        self.bad.epoch.clear()
+
+    def record_failure(
+        self, e: BaseException, fatal_url: str, tracker: Tracker | None, metrics: WorkerMetrics
+    ) -> None:
+        """Before a failure propagates: note a deterministic one (so restarts do not replay
+        it) and log what was counted up to it (bad samples, skipped steps)."""
+        fatal.record(fatal_url, e, self.step)
+        metrics.bad_samples.inc(self.bad.reconcile(self.stream.stats()["bad_reasons"]))
+        if tracker is not None:
+            totals = BadSamples.as_metrics(self.bad.totals())
+            tracker.metrics({"skipped_steps": self.budget.count, **totals}, self.step)
+            tracker.flush()
+
     def save_and_report(self, extra: dict, tracker: Tracker | None, metrics: WorkerMetrics) -> None:
         """Every rank calls this at the same step; rank 0 attaches the checkpoint."""
         t0 = time.perf_counter()
@@ -259,81 +323,50 @@ def train_loop(loop_config: dict) -> None:
             # [3] Prepare the data: this rank's batches, pinned and scaled on its device
             for batch in make_loader(run.stream, pin_memory=device.type == "cuda", device=device):
                 progress.ready()
+                noise = run.step_noise()  # seeded by (seed, rank, step)
                 x = batch["image"]
+                if job.data.binarize:  # a fresh draw every step (dynamic binarization)
+                    x = binarize(x, noise)
                 metrics.bad_samples.inc(run.bad.add(batch["skipped"]))
                 faults.record_keys(rank, run.epoch, run.step + 1, batch["key"])
-                beta = optim.kl_weight * kl_warmup(run.step, optim.kl_warmup_steps)
-                noise = run.step_noise()
-                res = train_step(
-                    model,
-                    run.vae,
-                    run.opt,
-                    x,
-                    kl_weight=beta,
-                    free_bits=optim.free_bits,
-                    grad_clip=optim.grad_clip,
-                    precision=run.precision,
-                    ema=run.ema,
-                    ema_decay=optim.ema_decay,
-                    inject=partial(faults.corrupt_loss, run.step + 1, rank),
-                    generator=noise,
-                )
-                if res.skipped:
-                    metrics.skipped_steps.inc()
-                    if rank == 0:
-                        print(
-                            f"step {run.step + 1}: non-finite loss or gradient, step skipped "
-                            f"({run.budget.count + 1} so far)",
-                            flush=True,
-                        )
-                run.budget.record(res.skipped)
-                run.sched.step()
-                run.step += 1
+                res = run.train_step(model, x, noise, metrics)  # [4] One optimizer step
                 progress.stepped(run.step, x.shape[0])
-                if run.step % optim.log_every == 0:  # [4] Log (a collective: all ranks)
-                    log_row(run, progress, res, beta, tracker)
-                if (
-                    optim.checkpoint_every
-                    and run.step % optim.checkpoint_every == 0
-                    and run.step % len(run.stream)
-                ):  # [5] Report + checkpoint mid-epoch
+                if run.step % optim.log_every == 0:  # [5] Log (a collective: all ranks)
+                    log_row(run, progress, res, tracker)
+                if run.checkpoint_due():  # [6] Report + checkpoint mid-epoch
                     run.save_and_report({}, tracker, metrics)
                 if optim.max_steps and run.step >= optim.max_steps:
                     break
                 progress.fetching()
-            run.epoch += 1
-            run.stream.set_epoch(run.epoch)
-            run.bad.epoch.clear()
+            run.end_epoch()
             ev = evaluate_epoch(run, device, tracker) if tracker is not None else {}
-            run.save_and_report(ev, tracker, metrics)  # [5] Report + checkpoint: epoch end
-        if tracker is not None and not tracker.flush(wait=mlflow_wait()):
-            print(
-                f"warning: MLflow at {tracker.uri} still unreachable at the end of training; "
-                f"{tracker.pending} metric points and images were not logged",
-                flush=True,
-            )
+            run.save_and_report(ev, tracker, metrics)  # [6] Report + checkpoint: epoch end
+        finish_tracking(tracker)
     except BaseException as e:
-        fatal.record(fatal_url, e, run.step)
-        metrics.bad_samples.inc(run.bad.reconcile(run.stream.stats()["bad_reasons"]))
-        if tracker is not None:  # what was counted up to the failure (bad samples, skips)
-            tracker.metrics(
-                {"skipped_steps": run.budget.count, **BadSamples.as_metrics(run.bad.totals())},
-                run.step,
-            )
-            tracker.flush()
+        run.record_failure(e, fatal_url, tracker, metrics)
         raise
     finally:
         metrics.close(linger=float(os.environ.get("PIPELINE_METRICS_LINGER", "0")))
 
 
-def log_row(run: RunState, progress: Progress, res, beta: float, tracker: Tracker | None) -> None:
+def finish_tracking(tracker: Tracker | None) -> None:
+    """Rank 0: wait (bounded) for MLflow to take every pending metric point and image."""
+    if tracker is not None and not tracker.flush(wait=mlflow_wait()):
+        print(
+            f"warning: MLflow at {tracker.uri} still unreachable at the end of training; "
+            f"{tracker.pending} metric points and images were not logged",
+            flush=True,
+        )
+
+
+def log_row(run: RunState, progress: Progress, res: StepResult, tracker: Tracker | None) -> None:
     """The periodic metric row: gauges on every rank, MLflow and the progress line on rank 0.
     Gathers the ranks' bad-sample counts, so every rank calls it at the same step."""
     totals = run.bad.totals(gather(dict(run.bad.own), run.world)[1:])
     row = progress.row(
         res,
         lr=run.sched.get_last_lr()[0],
-        kl_weight=beta,
+        kl_weight=float(res.out["kl_weight"]),
         epoch=run.epoch,
         skipped_steps=run.budget.count,
         bad_totals=totals,
@@ -352,6 +385,7 @@ def evaluate_epoch(run: RunState, device: torch.device, tracker: Tracker) -> dic
         device,
         tracker,
         run.step,
+        binarized=run.job.data.binarize,
     )
 
 
@@ -373,8 +407,11 @@ def eval_metrics(vae: VAE, batches: list[torch.Tensor], iwae_k: int, iwae_images
 
 
 @torch.no_grad()
-def _evaluate(vae: VAE, test_stream, o: OptimConfig, device, tracker: Tracker, step: int) -> dict:
-    """Held-out ELBO, IWAE-K on a subset, PSNR, active units; reconstruction + prior grids."""
+def _evaluate(
+    vae: VAE, test_stream, o: OptimConfig, device, tracker: Tracker, step: int, binarized: bool
+) -> dict:
+    """Held-out ELBO, IWAE-K on a subset, PSNR, active units; reconstruction + prior grids.
+    A binarized run is scored on one fixed binarization of the held-out batches."""
     vae.eval()
     try:
         ev = {}
@@ -385,6 +422,8 @@ def _evaluate(vae: VAE, test_stream, o: OptimConfig, device, tracker: Tracker, s
                 if i >= o.eval_batches:
                     break
                 batches.append(b["image"].to(device))
+            if batches and binarized:
+                batches = list(binarize_fixed(torch.cat(batches)).split(len(batches[0])))
             if batches:
                 ev = eval_metrics(vae, batches, o.iwae_k, o.iwae_images)
                 x = batches[0][:8]

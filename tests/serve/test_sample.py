@@ -58,7 +58,7 @@ def registered(s3, mlflow_server, tmp_path_factory):
         job = build(
             TrainJob,
             {
-                "data": {"train_url": f"{data}/train"},
+                "data": {"train_url": f"{data}/train", "binarize": True},
                 "model": MODEL,
                 "tracking": {
                     "mlflow_uri": mlflow_server.uri,

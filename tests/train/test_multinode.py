@@ -150,6 +150,7 @@ def write_job(path: Path, data_url: str, mlflow_uri: str, env_vars: dict[str, st
                         "test_url": f"{data_url}/test",
                         "num_workers": 0,
                         "shuffle_buffer": 64,
+                        "binarize": True,
                     },
                     "model": {
                         "image_size": 28,

@@ -13,6 +13,7 @@ import torch
 from pipeline import storage
 from pipeline.data.stream import ShardStream, make_loader
 from pipeline.model import build_model
+from pipeline.model.quality import binarize_fixed
 from pipeline.train import checkpoint
 from pipeline.train.driver import run_training
 from pipeline.train.loop import eval_metrics
@@ -55,6 +56,7 @@ def test_one_worker_trains_registers_and_reproduces_eval(
     stream = ShardStream(job.data, rank=0, world_size=1, batch_size=BATCH, split="test")
     stream.set_epoch(0)
     batches = [b["image"] for _, b in zip(range(job.optim.eval_batches), make_loader(stream))]
+    batches = list(binarize_fixed(torch.cat(batches)).split(len(batches[0])))  # as the loop does
     ev = eval_metrics(vae, batches, job.optim.iwae_k, job.optim.iwae_images)
     logged = dict(metric_steps(mlflow_server, res.run_id, "eval_neg_elbo_bits"))
     assert ev["eval_neg_elbo_bits"] == pytest.approx(logged[2 * steps_per_epoch], rel=1e-5)
