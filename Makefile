@@ -20,6 +20,8 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo   - install, start the local stack, ingest Fashion-MNIST, train (2 workers), sample"
 	@echo "make test   - install and run the full test suite (real S3, MLflow, Ray, Prometheus)"
+	@echo "make test-fast - the tests that need no server (about a minute)"
+	@echo "make lint   - ruff check + ruff format --check (CI runs it)"
 	@echo "make install [TORCH=cuda] - the locked venv (requirements/lock-cpu.txt, or -cuda on GPU hosts)"
 	@echo "make lock   - regenerate requirements/lock-{cpu,cuda}.txt from pyproject.toml"
 	@echo "make up / make down / make status - the local stack"
@@ -65,8 +67,10 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -m "not services and not slow" $(PYTEST_ARGS)
 
+# One linter and formatter (ruff, configured in pyproject.toml); CI runs it before the tests.
 lint: install
-	$(BIN)/ruff check pipeline tests bench
+	$(BIN)/ruff check pipeline tests bench infra
+	$(BIN)/ruff format --check pipeline tests bench infra
 
 up: install
 	$(BIN)/pipeline stack up

@@ -67,7 +67,9 @@ def test_s3_errors_are_one_line_naming_the_url(s3_env, monkeypatch):
         storage.read_bytes(f"{bucket}/ok")
     assert "definitely-wrong-secret" not in str(e.value) and "\n" not in str(e.value)
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    with pytest.raises(storage.StorageError, match=r"credential chain failed .*AWS_SECRET_ACCESS_KEY"):
+    with pytest.raises(
+        storage.StorageError, match=r"credential chain failed .*AWS_SECRET_ACCESS_KEY"
+    ):
         storage.read_bytes(f"{bucket}/ok")
 
 
