@@ -30,13 +30,15 @@ from pipeline import storage
 from pipeline.data import WORKER_PRELOAD
 from pipeline.data.config import IngestConfig
 from pipeline.data.errors import DataError
+from pipeline.data.journal import SHARD_NAME, IngestJournal
 from pipeline.data.manifest import MANIFEST, Manifest, ShardInfo, try_read_manifest, write_manifest
 from pipeline.data.sources import EmptyFile, open_source
 from pipeline.errors import first_line
 
 log = logging.getLogger(__name__)
 
-SHARD_NAME = "shard-{:06d}.tar"
+WINDOW = 4096  # samples in flight per pool.imap: bounds the results waiting in memory
+MAX_PENDING_UPLOADS = 4  # shards built but not yet published: bounds their bytes in memory
 _TAR_END = 1024  # two zero blocks close a tar
 _RECORD = tarfile.RECORDSIZE  # a tar file is padded to whole 10 KiB records
 
@@ -181,10 +183,17 @@ def _member_bytes(n: int) -> int:
 class ShardWriter:
     """Packs encoded samples into in-memory tars and publishes them in a background thread."""
 
-    def __init__(self, split_url: str, config: IngestConfig):
-        self.url, self.config = split_url, config
+    def __init__(
+        self,
+        split_url: str,
+        config: IngestConfig,
+        done: list[ShardInfo] | None = None,
+        journal: IngestJournal | None = None,
+    ):
+        self.url, self.config, self.journal = split_url, config, journal
         self.ext = "png" if config.encoding == "png" else "jpg"
         self.pool = ThreadPoolExecutor(max_workers=2)
+        self.done = list(done or [])  # shards kept from an interrupted run
         self.futures: list[Future] = []
         self._open()
 
@@ -193,7 +202,9 @@ class ShardWriter:
         self.tar = tarfile.open(fileobj=self.buf, mode="w", format=tarfile.USTAR_FORMAT)
         self.count, self.bytes = 0, _TAR_END
 
-    def add(self, e: Encoded) -> None:
+    def add(self, e: Encoded, position: int = 0, stats: IngestStats | None = None) -> None:
+        """Append ``e``, the sample at ``position`` in the split's order; ``stats`` counts the
+        samples before it (what a shard cut here records in the journal)."""
         size = _member_bytes(len(e.data)) + (_member_bytes(4) if e.label >= 0 else 0)
         by_count = self.config.shard_samples > 0
         padded = -(-(self.bytes + size) // _RECORD) * _RECORD
@@ -203,30 +214,39 @@ class ShardWriter:
             else padded > self.config.shard_bytes
         )
         if self.count and full:
-            self.flush()
+            self.flush(position, stats)
         _member(self.tar, f"{e.key}.{self.ext}", e.data)
         if e.label >= 0:
             _member(self.tar, f"{e.key}.cls", str(e.label).encode())
         self.count, self.bytes = self.count + 1, self.bytes + size
 
-    def flush(self) -> None:
+    def flush(self, position: int = 0, stats: IngestStats | None = None) -> None:
         if not self.count:
             return
         self.tar.close()
         data, count = self.buf.getvalue(), self.count
-        name = SHARD_NAME.format(len(self.futures))
-        self.futures.append(self.pool.submit(self._publish, name, data, count))
+        name = SHARD_NAME.format(len(self.done) + len(self.futures))
+        pending = [f for f in self.futures if not f.done()]
+        if len(pending) >= MAX_PENDING_UPLOADS:  # the store is slower than encoding: wait
+            pending[0].result()
+        state = stats.state() if stats is not None else None
+        self.futures.append(self.pool.submit(self._publish, name, data, count, position, state))
         self._open()
 
-    def _publish(self, name: str, data: bytes, count: int) -> ShardInfo:
+    def _publish(
+        self, name: str, data: bytes, count: int, position: int, state: dict | None
+    ) -> ShardInfo:
         url = storage.join(self.url, name)
         storage.put_atomic(url, data, self.config.storage_options)
-        return ShardInfo(name, count, len(data), hashlib.sha256(data).hexdigest())
+        info = ShardInfo(name, count, len(data), hashlib.sha256(data).hexdigest())
+        if self.journal is not None and state is not None:
+            self.journal.record(info, position, state)
+        return info
 
-    def close(self) -> list[ShardInfo]:
-        self.flush()
+    def close(self, position: int = 0, stats: IngestStats | None = None) -> list[ShardInfo]:
+        self.flush(position, stats)
         try:
-            return [f.result() for f in self.futures]
+            return self.done + [f.result() for f in self.futures]
         finally:
             self.pool.shutdown()
 
@@ -253,6 +273,27 @@ class IngestStats:
         self.skipped: Counter = Counter()  # reason -> files
         self.sum: np.ndarray | float = 0.0
         self.sumsq: np.ndarray | float = 0.0
+
+    def state(self) -> dict:
+        """A JSON-able snapshot (:meth:`from_state` restores it)."""
+        return {
+            "count": self.count,
+            "pixels": self.pixels,
+            "sizes": sorted(self.sizes),
+            "modes": sorted(self.modes),
+            "sum": np.atleast_1d(self.sum).tolist(),
+            "sumsq": np.atleast_1d(self.sumsq).tolist(),
+            "skipped": dict(self.skipped),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> IngestStats:
+        s = cls()
+        s.count, s.pixels = state["count"], state["pixels"]
+        s.sizes, s.modes = {tuple(x) for x in state["sizes"]}, set(state["modes"])
+        s.sum, s.sumsq = np.asarray(state["sum"]), np.asarray(state["sumsq"])
+        s.skipped = Counter(state["skipped"])
+        return s
 
     def add(self, e: Encoded) -> None:
         self.count += 1
@@ -305,6 +346,15 @@ def _say(progress: bool, message: str) -> None:
         tqdm.write(message, file=sys.stderr)
 
 
+def _encoded(jobs: list, start: int, pool):
+    """Encoded samples of ``jobs[start:]`` in order, at most :data:`WINDOW` in flight."""
+    for a in range(start, len(jobs), WINDOW):
+        window = jobs[a : a + WINDOW]
+        yield from (
+            pool.imap(_encode_one, window, chunksize=64) if pool else map(_encode_one, window)
+        )
+
+
 def ingest_split(source, split: str, config: IngestConfig, pool, progress: bool) -> Manifest:
     """Write one split's shards then its manifest (or skip it if already done)."""
     split_url = storage.join(config.output_url, split)
@@ -322,11 +372,17 @@ def ingest_split(source, split: str, config: IngestConfig, pool, progress: bool)
         storage.remove(storage.join(split_url, MANIFEST), config.storage_options)
     indices = order(source.splits[split], config, split)
     jobs = [(split, i, f"{split}-{i:08d}") for i in indices]
-    writer, stats = ShardWriter(split_url, config), IngestStats()
-    results = pool.imap(_encode_one, jobs, chunksize=64) if pool else map(_encode_one, jobs)
-    for e in tqdm(
-        results, total=len(jobs), desc=f"ingest {split}", unit="img", disable=not progress
-    ):
+    journal = IngestJournal(split_url, want, config.storage_options)
+    done, start, state = journal.resume()
+    if done:
+        _say(progress, f"resume {split}: {len(done)} finished shards kept, from sample {start}")
+    writer = ShardWriter(split_url, config, done, journal)
+    stats = IngestStats.from_state(state) if state else IngestStats()
+    bar = tqdm(
+        total=len(jobs), initial=start, desc=f"ingest {split}", unit="img", disable=not progress
+    )
+    for position, e in enumerate(_encoded(jobs, start, pool), start):
+        bar.update()
         if isinstance(e, Skipped):
             stats.skipped[e.reason] += 1
             log.warning("skipped %s (%s): %s", e.name, e.reason, e.detail)
@@ -337,9 +393,10 @@ def ingest_split(source, split: str, config: IngestConfig, pool, progress: bool)
                     f"{stats.skipped_text()}; last: {e.name}: {e.detail}"
                 )
             continue
-        writer.add(e)
+        writer.add(e, position, stats)
         stats.add(e)
-    shards = writer.close()
+    bar.close()
+    shards = writer.close(len(jobs), stats)
     manifest = Manifest(
         split=split,
         shards=shards,
@@ -350,6 +407,7 @@ def ingest_split(source, split: str, config: IngestConfig, pool, progress: bool)
     write_manifest(manifest, split_url, config.storage_options)
     for name in _stale(split_url, {s.name for s in shards}, config.storage_options):
         storage.remove(storage.join(split_url, name), config.storage_options)
+    journal.clear()
     _say(
         progress,
         f"wrote {split_url}: {manifest.count} samples in {len(shards)} shards"
