@@ -15,7 +15,7 @@ $(error TORCH=$(TORCH): use TORCH=cpu (default) or TORCH=cuda)
 endif
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint up down status demo bench bench-quality gpu-check clean help
+.PHONY: install test test-fast lint up down status demo bench bench-quality bench-ingest gpu-check clean help
 
 help:
 	@echo "make demo   - install, start the local stack, ingest Fashion-MNIST, train (2 workers), sample"
@@ -93,6 +93,10 @@ gpu-check: install
 	$(BIN)/python -m bench.gpu_check
 
 # The model-quality table (issue 4): 5 variants x 20 CPU-min side by side, ~60 min on 2 cores.
+# Ingest at scale: 1M synthetic images, killed midway and re-run (issue 16); bench/ingest_scale.json
+bench-ingest: install
+	$(BIN)/python -m bench.ingest_scale
+
 bench-quality: install
 	$(BIN)/python -m bench.run --only quality --quality-minutes 20 --iwae-images 200 \
 		--out-dir bench/quality
