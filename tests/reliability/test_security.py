@@ -109,3 +109,77 @@ def test_error_lines_redact_secrets(monkeypatch, capsys):
     assert cli.main(["validate", "x.yaml"]) == 2
     err = capsys.readouterr().err
     assert err == "error: s3://b/k: denied for *** second line\n"
+
+
+class _Payload:
+    """Unpickling this creates ``path``: proof that a pickle ran."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickle_members_are_never_unpickled(tmp_path):
+    """``.pyd``/``.pkl``/``.pt`` members (webdataset's default decoders would unpickle them)
+    are never decoded: a sample with only such members is a ``no_image`` bad sample, one with
+    an image beside them is read for its image alone; no payload runs."""
+    import pickle
+
+    import torch
+
+    from tests.helpers import tar_bytes
+
+    marker = tmp_path / "pickle-ran"
+    payload = pickle.dumps(_Payload(str(marker)))
+    pt = io.BytesIO()
+    torch.save({"x": _Payload(str(marker))}, pt)
+    hostile = {"pyd": payload, "pkl": payload, "pt": pt.getvalue()}
+    samples = []
+    for i in range(8):
+        ext = list(hostile)[i % 3]
+        if i < 3:  # nothing but the pickle
+            samples.append([(f"s{i}.{ext}", hostile[ext])])
+        else:
+            samples.append([(f"s{i}.png", gray_png(10 * i, 8)), (f"s{i}.{ext}", hostile[ext])])
+    data = tar_bytes(samples)
+    split = tmp_path / "train"
+    split.mkdir()
+    (split / "shard-000000.tar").write_bytes(data)
+    stats = {"count": 8, "width": 8, "height": 8, "mode": "L", "channels": 1, "mean": [0.5]}
+    stats |= {"std": [0.3], "encoding": "png", "classes": []}
+    shard = ShardInfo("shard-000000.tar", 8, len(data), hashlib.sha256(data).hexdigest())
+    write_manifest(Manifest("train", [shard], stats), str(split))
+
+    s = ShardStream(StreamConfig(train_url=str(split), shuffle_buffer=8), 0, 1, batch_size=4)
+    batches = list(make_loader(s, num_workers=2))
+    assert not marker.exists(), "a pickle member was unpickled"
+    keys = {k for b in batches for k, pad in zip(b["key"], b["pad"].tolist()) if not pad}
+    assert keys == {f"s{i}" for i in range(3, 8)}
+    assert s.stats()["bad_reasons"] == {"no_image": 3}
+    pickle.loads(payload)  # the control: the payload does run when unpickled
+    assert marker.exists()
+
+
+def test_dependency_floors_are_above_known_advisories():
+    """pyproject's floors exclude the versions with the advisories the pipeline is exposed to,
+    and both lock files satisfy them (infra/local/check_install.py fails otherwise)."""
+    import re
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    from tests.helpers import ROOT
+
+    project = (ROOT / "pyproject.toml").read_text().split("dependencies = [", 1)[1]
+    deps = re.findall(r'^\s*"([^"]+)",', project.split("]\n", 1)[0], re.M)
+    reqs = {Requirement(d).name: Requirement(d) for d in deps}
+    advisories = {"torch": "2.5.1", "ray": "2.55.99", "mlflow": "3.14.99", "pillow": "12.1.99"}
+    for name, bad in advisories.items():
+        assert not reqs[name].specifier.contains(bad, prereleases=True), (name, reqs[name])
+    for lock in ("lock-cpu.txt", "lock-cuda.txt"):
+        text = (ROOT / "requirements" / lock).read_text()
+        pins = {k.lower(): v for k, v in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", text, re.M)}
+        for name in advisories:
+            assert reqs[name].specifier.contains(Version(pins[name]), prereleases=True), lock
