@@ -216,8 +216,11 @@ def connect_ray_settings() -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
-def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+def history(client, run_id: str, name: str) -> list[tuple[int, float]]:
+    """Every (step, value) of the loop's metric ``name`` (its MLflow key: ``metric_key``)."""
+    from pipeline.train.tracking import metric_key
+
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, metric_key(name)))
 
 
 def check_device_path(plan: Plan, report: Report) -> None:

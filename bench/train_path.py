@@ -86,16 +86,15 @@ def pipeline_run(job: TrainJob, stack: BenchStack) -> dict:
     from mlflow.tracking import MlflowClient
 
     from pipeline.train.driver import run_training
+    from pipeline.train.tracking import metric_key
 
     with Stopwatch() as t, CpuMeter(stack.started) as cpu:
         res = run_training(job, register=False)
     client = MlflowClient(job.tracking.mlflow_uri)
 
-    def series(key: str) -> list[float]:
-        return [
-            m.value
-            for m in sorted(client.get_metric_history(res.run_id, key), key=lambda m: m.step)
-        ]
+    def series(name: str) -> list[float]:
+        history = client.get_metric_history(res.run_id, metric_key(name))
+        return [m.value for m in sorted(history, key=lambda m: m.step)]
 
     ips, wait = series("images_per_second"), series("data_wait_fraction")
     return {

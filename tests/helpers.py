@@ -10,6 +10,7 @@ listening               the (ip, port) LISTEN sockets of a service's processes
 N_TRAIN, BATCH, make_job  the Ray Train job the ``fmnist_url`` fixture's data is cut for
 read_keys, keys_by_step   the sample keys workers record (PIPELINE_RECORD_KEYS_DIR)
 metric_history, experiment_runs  what a run left in MLflow
+chromium_bin, chromium    headless Chromium: a page's DOM after its scripts ran, a screenshot
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import struct
+import subprocess
 import tarfile
+import tempfile
 import time
 import zlib
 from collections import defaultdict
@@ -218,3 +222,51 @@ def experiment_runs(uri: str, experiment: str) -> list:
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     return client.search_runs([exp.experiment_id]) if exp else []
+
+
+# ------------------------------------------------------------------------------- browser
+
+# Headless Chromium as a test harness: no sandbox (root in CI), nothing fetched but the page.
+CHROMIUM_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--run-all-compositor-stages-before-draw",
+]
+ARTIFACTS = ROOT / "test-artifacts"  # screenshots kept after the run (git-ignored)
+
+
+def chromium_bin() -> str:
+    """Debian's chromium (``apt-get install chromium``); skip (fail under CI=true) without it."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    require(path, "headless Chromium not found (Debian: apt-get install chromium)")
+    return path
+
+
+def chromium(url: str, screenshot: Path | None = None, budget_ms: int = 20_000) -> str:
+    """The DOM of ``url`` after ``budget_ms`` of virtual time (scripts run, fetches settle);
+    with ``screenshot``, also a 1400x2200 PNG of the page written there."""
+    exe = chromium_bin()
+
+    def run(*args: str) -> str:
+        with tempfile.TemporaryDirectory() as profile:
+            out = subprocess.run(
+                [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, url],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+
+    budget = f"--virtual-time-budget={budget_ms}"
+    if screenshot is not None:
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        run(budget, "--window-size=1400,2200", f"--screenshot={screenshot}")
+        assert screenshot.stat().st_size > 0
+    return run(budget, "--dump-dom")

@@ -19,8 +19,8 @@ step "sample galleries from the registered model"
 $BIN/pipeline sample jobs/sample.yaml
 step "done in $(( $(date +%s) - start ))s"
 cat <<MSG
-MLflow UI:      http://127.0.0.1:5000   (experiments vae-fashion-mnist, vae-galleries;
-                                         model vae-fashion-mnist@candidate)
+MLflow UI:      http://127.0.0.1:5000/#/experiments?workflowType=machine_learning
+                (experiments vae-fashion-mnist, vae-galleries; model vae-fashion-mnist@candidate)
 Ray dashboard:  http://127.0.0.1:8265
 Prometheus:     http://127.0.0.1:9090   (query: vae_train_images_per_second)
 Gallery:        s3://data/galleries/vae-fashion-mnist/  (also in MLflow, experiment vae-galleries)

@@ -21,9 +21,9 @@ import torch
 from pipeline import storage
 from pipeline.errors import PipelineError, first_line
 from pipeline.serve.config import SampleConfig, SampleJob
-from pipeline.serve.images import grid, png_bytes
+from pipeline.serve.images import annotate, grid, png_bytes, upscale
 from pipeline.serve.registry import LoadedModel, ModelRef, load, resolve
-from pipeline.train.tracking import public_uri
+from pipeline.train.tracking import public_uri, ui_url
 from pipeline.typed import to_dict
 
 MARKER = "_SUCCESS.json"
@@ -40,31 +40,52 @@ def config_hash(s: SampleConfig) -> str:
 @torch.no_grad()
 def make_gallery(
     m: LoadedModel, s: SampleConfig, held_out: torch.Tensor | None
-) -> dict[str, bytes]:
-    """All grids as PNG bytes, keyed by file name. Deterministic for a given seed (the noise
-    is drawn on the CPU; the model and ``held_out`` may be on a GPU)."""
+) -> dict[str, tuple[bytes, str]]:
+    """All grids as (PNG bytes, caption), keyed by file name. Tiles are upscaled to at least
+    96 px (nearest neighbour) and each PNG carries its caption; traversal rows are labelled
+    with the latent unit they move. Deterministic for a given seed (the noise is drawn on the
+    CPU; the model and ``held_out`` may be on a GPU)."""
     vae, n = m.vae, s.grid_rows * s.grid_cols
+    size = m.model_config["image_size"]
+    k = upscale(size)
+    pitch, pad = k * (size + 2), 2 * k  # one grid row, and the padding above the first
+
+    def png(imgs, ncol, caption, rows=()):
+        a = grid(imgs, ncol, scale=k)
+        return png_bytes(annotate(a, caption, list(rows), pitch, pad)), caption
+
     g = torch.Generator().manual_seed(s.seed)
-    out: dict[str, bytes] = {}
+    out: dict[str, tuple[bytes, str]] = {}
     for t in s.temperatures:
         imgs = vae.sample_prior(n, temperature=t, generator=g).clamp(0, 1)
-        out[f"prior_t{t:g}.png"] = png_bytes(grid(imgs, s.grid_cols))
+        out[f"prior_t{t:g}.png"] = png(imgs, s.grid_cols, f"prior samples, temperature {t:g}")
     if held_out is None or len(held_out) == 0:
         return out
     x = held_out[: max(2, n // 2)]
     params, post = vae(x, sample_posterior=False)
     recon = vae.likelihood.mean(params).clamp(0, 1)
     pairs = torch.stack([x, recon], 1).flatten(0, 1)  # original, reconstruction, ...
-    out["reconstructions.png"] = png_bytes(grid(pairs, s.grid_cols - s.grid_cols % 2 or 2))
+    out["reconstructions.png"] = png(
+        pairs,
+        s.grid_cols - s.grid_cols % 2 or 2,
+        "held-out image, then its reconstruction (pairs left to right)",
+    )
     mu = post.mode()
     if s.interpolation_pairs and len(x) >= 2:
-        k = min(s.interpolation_pairs, len(x) // 2)
-        a, b = mu[:k], mu[k : 2 * k]
+        p = min(s.interpolation_pairs, len(x) // 2)
+        a, b = mu[:p], mu[p : 2 * p]
         w = torch.linspace(0, 1, s.interpolation_steps, device=mu.device)
         w = w.view(1, -1, *([1] * (mu.dim() - 1)))
-        z = a.unsqueeze(1) * (1 - w) + b.unsqueeze(1) * w  # (k, steps, *latent)
+        z = a.unsqueeze(1) * (1 - w) + b.unsqueeze(1) * w  # (p, steps, *latent)
         imgs = vae.likelihood.mean(vae.decode(z.flatten(0, 1))).clamp(0, 1)
-        out["interpolations.png"] = png_bytes(grid(imgs, s.interpolation_steps))
+        imgs = imgs.view(p, s.interpolation_steps, *imgs.shape[1:])
+        rows = torch.cat([x[:p, None], imgs, x[p : 2 * p, None]], 1)  # endpoints A ... B
+        out["interpolations.png"] = png(
+            rows.flatten(0, 1),
+            s.interpolation_steps + 2,
+            f"held-out A | decode((1-w) mu_A + w mu_B), w = 0..1 in "
+            f"{s.interpolation_steps} steps | held-out B",
+        )
     if s.traversal_dims and not vae.deterministic:
         kl = post.kl_per_unit().flatten(1).mean(0)  # nats per latent unit
         dims = kl.argsort(descending=True)[: s.traversal_dims]
@@ -75,25 +96,46 @@ def make_gallery(
         for i, d in enumerate(dims):
             base[i * s.traversal_steps : (i + 1) * s.traversal_steps, d] = vals
         imgs = vae.likelihood.mean(vae.decode(base.view(-1, *mu.shape[1:]))).clamp(0, 1)
-        out["traversals.png"] = png_bytes(grid(imgs, s.traversal_steps))
+        out["traversals.png"] = png(
+            imgs,
+            s.traversal_steps,
+            f"one latent unit per row (highest KL first), {-s.traversal_range:g} .. "
+            f"{s.traversal_range:g}",
+            [f"z{int(d)}" for d in dims],
+        )
     return out
 
 
-def index_html(m: LoadedModel, files: list[str], s: SampleConfig) -> bytes:
-    rows = "".join(
-        f'<h2>{html.escape(f)}</h2><p><img src="{html.escape(f)}" alt="{html.escape(f)}"></p>\n'
-        for f in files
+def index_html(m: LoadedModel, grids: dict[str, str], s: SampleConfig) -> bytes:
+    """A page that works offline: relative image links, inline style, no external files. Its
+    inline script sets ``body[data-loaded]`` to ``"N/M"`` images loaded once all have settled."""
+    e = html.escape
+    figures = "".join(
+        f'<figure><img src="{e(f)}" alt="{e(c)}"><figcaption>{e(f)}: {e(c)}</figcaption></figure>\n'
+        for f, c in grids.items()
     )
     metrics = "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{v:.6g}</td></tr>" for k, v in sorted(m.metrics.items())
+        f"<tr><td>{e(k)}</td><td>{v:.6g}</td></tr>" for k, v in sorted(m.metrics.items())
     )
     return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(m.name)} "
-        f"v{html.escape(m.version)}</title></head><body><h1>{html.escape(m.name)} version "
-        f"{html.escape(m.version)}</h1><p>training run: {html.escape(m.train_run_id)}</p>"
-        f"<p>seed {s.seed}, temperatures {s.temperatures}</p><table>{metrics}</table>\n"
-        f"{rows}</body></html>\n"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{e(m.name)} "
+        f"v{e(m.version)}</title><style>{STYLE}</style></head><body>"
+        f"<h1>{e(m.name)} version {e(m.version)}</h1><p>training run: {e(m.train_run_id)}</p>"
+        f"<p>seed {s.seed}, temperatures {s.temperatures}</p>\n{figures}"
+        f"<table>{metrics}</table>\n<script>{LOADED_JS}</script></body></html>\n"
     ).encode()
+
+
+STYLE = (
+    "body{font:14px sans-serif;margin:16px;background:#fff;color:#111}"
+    "figure{margin:0 0 24px}img{image-rendering:pixelated;max-width:100%}"
+    "figcaption{margin-top:4px;color:#444}td{padding:0 12px 0 0}"
+)
+LOADED_JS = (
+    "window.addEventListener('load',function(){var i=document.images,n=0;"
+    "for(var k=0;k<i.length;k++){if(i[k].complete&&i[k].naturalWidth>0)n++;}"
+    "document.body.dataset.loaded=n+'/'+i.length;});"
+)
 
 
 def _held_out(s: SampleConfig, model_config: dict) -> torch.Tensor | None:
@@ -134,8 +176,9 @@ def run_sample(job: SampleJob, if_new_version: bool = False) -> str | None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     m.vae.to(device)
     held_out = _held_out(s, m.model_config)
-    files = make_gallery(m, s, None if held_out is None else held_out.to(device))
-    files["index.html"] = index_html(m, [f for f in files if f.endswith(".png")], s)
+    grids = make_gallery(m, s, None if held_out is None else held_out.to(device))
+    files = {name: data for name, (data, _) in grids.items()}
+    files["index.html"] = index_html(m, {name: c for name, (_, c) in grids.items()}, s)
     written: list[str] = []
     try:
         for name, data in files.items():
@@ -178,14 +221,19 @@ def _check_tracking(job: SampleJob) -> None:
 
 
 def _log_mlflow(job: SampleJob, m: LoadedModel, files: dict[str, bytes], url: str) -> str:
-    import mlflow
+    """Log the gallery as artifacts of a run in the gallery experiment, and link it from the
+    model version (tags ``gallery_url``, ``gallery_run_id``, ``gallery_page`` and a line in
+    its description) and from its training run (tags ``gallery_url``, ``gallery_page``). A
+    gallery of a checkpoint URL links nothing: its run may live on another server."""
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(job.tracking.mlflow_uri)
-    exp = mlflow.set_experiment(job.tracking.experiment)
-    client = MlflowClient(job.tracking.mlflow_uri)
+    from pipeline.train.tracking import ensure_experiment
+
+    uri = job.tracking.mlflow_uri
+    client = MlflowClient(uri)
+    exp_id = ensure_experiment(client, job.tracking.experiment)
     run = client.create_run(
-        exp.experiment_id,
+        exp_id,
         run_name=f"gallery-{m.name}-v{m.version}",
         tags={
             "model_name": m.name,
@@ -199,7 +247,17 @@ def _log_mlflow(job: SampleJob, m: LoadedModel, files: dict[str, bytes], url: st
             (Path(tmp) / name).write_bytes(data)
         client.log_artifacts(run.info.run_id, tmp, artifact_path="gallery")
     client.set_terminated(run.info.run_id)
+    page = ui_url(uri, exp_id, run.info.run_id, "gallery/index.html")
+    links = {"gallery_url": url, **({"gallery_page": page} if page else {})}
     if not m.version.startswith("ckpt-"):
-        client.set_model_version_tag(m.name, m.version, "gallery_url", url)
-        client.set_model_version_tag(m.name, m.version, "gallery_run_id", run.info.run_id)
+        for k, v in {**links, "gallery_run_id": run.info.run_id}.items():
+            client.set_model_version_tag(m.name, m.version, k, v)
+        mv = client.get_model_version(m.name, m.version)
+        line = f"Gallery: {url}" + (f" ([index.html in MLflow]({page}))" if page else "")
+        if line not in (mv.description or ""):
+            text = "\n\n".join(t for t in (mv.description, line) if t)
+            client.update_model_version(m.name, m.version, description=text)
+        if m.train_run_id:  # the version's run, on this server
+            for k, v in links.items():
+                client.set_tag(m.train_run_id, k, v)
     return run.info.run_id

@@ -22,6 +22,7 @@ from pipeline.train.tracking import (
     mlflow_wait,
     public_uri,
     storage_path,
+    ui_url,
     wait_for_run,
 )
 from pipeline.typed import to_dict
@@ -69,6 +70,12 @@ def worker_env(job: TrainJob, env_vars: dict[str, str] | None) -> dict[str, str]
     error handling (a failed or timed-out collective aborts the rank; the yaml may override)."""
     nccl = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"} if job.scaling.use_gpu else {}
     return {**nccl, **(env_vars or {})}
+
+
+# Ray 2.60's workers wrap sys.stdout, so Ray Train's print patch writes each print twice (to
+# the wrapped stream and through its logger's console handler): every progress line would reach
+# the driver twice. Unpatched, a worker's print goes once, by Ray's log forwarding.
+WORKER_PRINT = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def _mlflow_run(spec: RunSpec) -> str:
@@ -159,6 +166,7 @@ def run_training(
             failure_config=FailureConfig(
                 max_failures=s.max_failures, controller_failure_limit=s.controller_failure_limit
             ),
+            worker_runtime_env={"env_vars": WORKER_PRINT},
         ),
         torch_config=torch_config(job),
     )
@@ -249,9 +257,8 @@ def register_model(job: TrainJob, run_id: str, ckpt) -> tuple[str, str]:
     mlflow.set_tracking_uri(t.mlflow_uri)
     # the fluent API refuses a run outside its active experiment (set by earlier calls in
     # this process), so make the run's own experiment the active one
-    mlflow.set_experiment(
-        experiment_id=MlflowClient(t.mlflow_uri).get_run(run_id).info.experiment_id
-    )
+    exp_id = MlflowClient(t.mlflow_uri).get_run(run_id).info.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
     with tempfile.TemporaryDirectory() as tmp:
         wpath = Path(tmp) / "weights.safetensors"
         wpath.write_bytes(checkpoint.weights_bytes(vae))
@@ -277,5 +284,12 @@ def register_model(job: TrainJob, run_id: str, ckpt) -> tuple[str, str]:
             )
     client = MlflowClient(t.mlflow_uri)
     mv = mlflow.register_model(info.model_uri, t.registered_model, tags={"train_run_id": run_id})
+    page = ui_url(t.mlflow_uri, exp_id, run_id)
+    client.update_model_version(
+        t.registered_model,
+        mv.version,
+        description=f"Trained in MLflow run {f'[{run_id}]({page})' if page else run_id} "
+        f"(step {saved['state']['step']}).",
+    )
     client.set_registered_model_alias(t.registered_model, t.alias, mv.version)
     return str(mv.version), f"models:/{t.registered_model}@{t.alias}"

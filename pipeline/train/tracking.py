@@ -33,6 +33,48 @@ STORE_TAG = "pipeline.storage_path"
 WAIT_ENV = "PIPELINE_MLFLOW_WAIT"
 DEFAULT_WAIT = 30.0  # seconds the driver (start, end) and the last flush wait for MLflow
 RETRY_MIN, RETRY_MAX = 2.0, 30.0  # seconds between attempts while MLflow is down
+# The MLflow UI lists an experiment of this kind on its training runs (not the GenAI overview).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+WORKFLOW = "?workflowType=machine_learning"  # a UI link's query: the model-training view
+
+# The MLflow key of each metric the loop logs, grouped by prefix: the UI draws one section per
+# prefix, so the ELBO, rate and distortion curves are not lost in one alphabetical list.
+# train/: the objective and the optimizer; eval/: held-out numbers (the loop's ``eval_*``);
+# data/: the input pipeline and checkpoint I/O; system/ is MLflow's own. The loop and the Ray
+# reports keep the short names; Prometheus names are separate (pipeline.train.metrics).
+METRIC_GROUPS = {
+    "train": (
+        "loss",
+        "neg_elbo_bits_per_dim",
+        "rate_bits",
+        "distortion_bits",
+        "grad_norm",
+        "lr",
+        "kl_weight",
+        "epoch",
+        "skipped_steps",
+        "gpu_memory_peak_mb",
+    ),
+    "data": (
+        "images_per_second",
+        "data_wait_fraction",
+        "bad_samples",  # and bad_samples.<reason>
+        "checkpoint_seconds",
+    ),
+}
+_GROUP_OF = {name: group for group, names in METRIC_GROUPS.items() for name in names}
+
+
+def metric_key(name: str) -> str:
+    """The MLflow key of the loop's metric ``name``: ``loss`` -> ``train/loss``,
+    ``eval_neg_elbo_bits`` -> ``eval/neg_elbo_bits``, ``bad_samples.decode_error`` ->
+    ``data/bad_samples.decode_error``. A name in no group is a ``ValueError``."""
+    if name.startswith("eval_"):
+        return f"eval/{name.removeprefix('eval_')}"
+    group = _GROUP_OF.get(name.split(".", 1)[0])
+    if group is None:
+        raise ValueError(f"metric {name!r} has no group in pipeline.train.tracking.METRIC_GROUPS")
+    return f"{group}/{name}"
 
 
 def configure_client_timeouts(timeout: int = 10, retries: int = 1) -> None:
@@ -47,6 +89,16 @@ def public_uri(uri: str) -> str:
     scheme, sep, rest = uri.partition("://")
     host, slash, path = rest.partition("/")
     return f"{scheme}{sep}{host.rsplit('@', 1)[-1]}{slash}{path}" if sep else uri
+
+
+def ui_url(tracking_uri: str, experiment_id: str, run_id: str, artifact: str = "") -> str:
+    """The MLflow UI page of a run (or of one of its artifacts); "" if the tracking URI is not
+    an HTTP server. The UI (3.17) keeps a GenAI/model-training switch per browser, GenAI by
+    default: ``WORKFLOW`` opens it on model training whatever the browser last used."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return ""
+    page = f"{public_uri(tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return (f"{page}/artifacts/{artifact}" if artifact else page) + WORKFLOW
 
 
 def mlflow_wait() -> float:
@@ -92,6 +144,23 @@ class RunSpec:
         )
 
 
+def ensure_experiment(client, name: str) -> str:
+    """The id of experiment ``name``, created if need be, of the :data:`EXPERIMENT_KIND` (an
+    existing experiment of no kind gets it; one a user gave another kind keeps theirs)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, tags=EXPERIMENT_KIND)
+        except Exception:  # created concurrently
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    for k, v in EXPERIMENT_KIND.items():
+        if k not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, k, v)
+    return exp.experiment_id
+
+
 def find_or_create_run(spec: RunSpec, client=None, create: bool = True) -> str:
     """The unfinished run tagged with this Ray run name + storage path, else a new one with
     the params logged ("" if none and not ``create``). Raises whatever MLflow raises."""
@@ -100,19 +169,9 @@ def find_or_create_run(spec: RunSpec, client=None, create: bool = True) -> str:
 
     configure_client_timeouts()
     client = client or MlflowClient(spec.uri)
-    exp = client.get_experiment_by_name(spec.experiment)
-    if exp is None:
-        if not create:
-            return ""
-        try:
-            exp_id = client.create_experiment(spec.experiment)
-        except Exception:  # created concurrently
-            exp = client.get_experiment_by_name(spec.experiment)
-            if exp is None:
-                raise
-            exp_id = exp.experiment_id
-    else:
-        exp_id = exp.experiment_id
+    if not create and client.get_experiment_by_name(spec.experiment) is None:
+        return ""
+    exp_id = ensure_experiment(client, spec.experiment)
     found = client.search_runs(
         [exp_id],
         filter_string=" and ".join(f"tags.`{k}` = '{v}'" for k, v in spec.tags.items()),
@@ -155,6 +214,8 @@ class Tracker:
             that reaches MLflow.
         probe: a metric logged every ``log_every`` steps, used to find the last step MLflow
             already has.
+
+    Metrics go in under the loop's short names and reach MLflow under :func:`metric_key`.
     """
 
     def __init__(self, spec: RunSpec, run_id: str = "", probe: str = "loss"):
@@ -162,7 +223,8 @@ class Tracker:
 
         configure_client_timeouts()
         self.client = MlflowClient(spec.uri)
-        self.spec, self.uri, self.run_id, self.probe = spec, public_uri(spec.uri), run_id, probe
+        self.spec, self.uri, self.run_id = spec, public_uri(spec.uri), run_id
+        self.probe = metric_key(probe)
         self._metrics: list[Any] = []
         self._images: list[tuple[Any, str, int]] = []
         self._down = False
@@ -182,7 +244,7 @@ class Tracker:
         if step <= self.logged_through:
             return
         now = int(time.time() * 1000)
-        self._metrics += [Metric(k, float(v), now, step) for k, v in values.items()]
+        self._metrics += [Metric(metric_key(k), float(v), now, step) for k, v in values.items()]
         if len(self._metrics) > MAX_BUFFER:  # keep the newest; say how many were lost
             self.dropped += len(self._metrics) - MAX_BUFFER
             self._metrics = self._metrics[-MAX_BUFFER:]

@@ -190,13 +190,18 @@ def test_bad_data_and_nan_are_skipped_and_counted(
     run = only_run(mlflow_server.uri, "rel-e2e-bad")
     assert run.info.status == "FINISHED"
     steps = 2 * N // BATCH  # every position of both epochs trained: bad samples are padded
-    assert sorted(history(mlflow_server.uri, run.info.run_id, "loss")) == list(range(4, 33, 4))
-    bad = history(mlflow_server.uri, run.info.run_id, "bad_samples")
+    assert sorted(history(mlflow_server.uri, run.info.run_id, "train/loss")) == list(
+        range(4, 33, 4)
+    )
+    bad = history(mlflow_server.uri, run.info.run_id, "data/bad_samples")
     per_epoch = sum(BAD_PER_EPOCH.values())  # 18
     assert bad[steps // 2] == per_epoch and bad[steps] == 2 * per_epoch
     for reason, n in BAD_PER_EPOCH.items():
-        assert history(mlflow_server.uri, run.info.run_id, f"bad_samples.{reason}")[steps] == 2 * n
-    skipped = history(mlflow_server.uri, run.info.run_id, "skipped_steps")
+        assert (
+            history(mlflow_server.uri, run.info.run_id, f"data/bad_samples.{reason}")[steps]
+            == 2 * n
+        )
+    skipped = history(mlflow_server.uri, run.info.run_id, "train/skipped_steps")
     assert skipped[4] == 0 and skipped[8] == 1 and skipped[steps] == 1
 
     def prom(metric: str) -> float:
@@ -230,7 +235,7 @@ def test_error_budget_exceeded_fails_in_one_line(bad_data, env, mlflow_server, t
     assert steps and set(steps.values()) == {BATCH}, steps
     run = only_run(mlflow_server.uri, "rel-e2e-budget")
     assert run.info.status == "FAILED"
-    counted = history(mlflow_server.uri, run.info.run_id, "bad_samples")
+    counted = history(mlflow_server.uri, run.info.run_id, "data/bad_samples")
     assert max(counted.values()) > 4  # counted up to the failure
 
 

@@ -98,14 +98,18 @@ def test_tracker_buffers_while_down_and_flushes_exact_steps(own_mlflow, capsys, 
     for step in range(13, 16):
         tracker.metrics({"loss": 10.0 - step}, step)
     assert tracker.flush(wait=30) is True and tracker.pending == 0
-    assert metric_history(own_mlflow.uri, run_id, "loss") == [(s, 10.0 - s) for s in range(1, 16)]
+    assert metric_history(own_mlflow.uri, run_id, "train/loss") == [
+        (s, 10.0 - s) for s in range(1, 16)
+    ]
 
     # A Tracker restarted from an older checkpoint (steps 1-9 replayed) logs no step twice.
     again = Tracker(spec, run_id=run_id)
     for step in range(10, 19):
         again.metrics({"loss": 10.0 - step}, step)
     assert again.flush() is True
-    assert metric_history(own_mlflow.uri, run_id, "loss") == [(s, 10.0 - s) for s in range(1, 19)]
+    assert metric_history(own_mlflow.uri, run_id, "train/loss") == [
+        (s, 10.0 - s) for s in range(1, 19)
+    ]
 
 
 def test_uri_credentials_never_printed():
@@ -154,10 +158,10 @@ def test_training_with_mlflow_down_at_start(
     run = runs[0]
     assert run.info.status == "FINISHED" and run.data.tags[RUN_TAG] == "mlflow-down"
     assert run.data.params["optim.batch_size"] == str(BATCH)
-    assert [s for s, _ in metric_history(own_mlflow.uri, res.run_id, "loss")] == list(
+    assert [s for s, _ in metric_history(own_mlflow.uri, res.run_id, "train/loss")] == list(
         range(4, steps + 1, 4)
     )
-    assert [s for s, _ in metric_history(own_mlflow.uri, res.run_id, "eval_neg_elbo_bits")] == [
+    assert [s for s, _ in metric_history(own_mlflow.uri, res.run_id, "eval/neg_elbo_bits")] == [
         steps // 2,
         steps,
     ]

@@ -22,7 +22,7 @@ from pipeline.serve.gallery import MARKER, config_hash, run_sample
 from pipeline.train import checkpoint
 from pipeline.train.config import TrainJob
 from pipeline.typed import build
-from tests.helpers import experiment_runs, patched_environ
+from tests.helpers import ARTIFACTS, chromium, chromium_bin, experiment_runs, patched_environ
 
 MODEL = {
     "image_size": 28,
@@ -78,7 +78,7 @@ def registered(s3, mlflow_server, tmp_path_factory):
         mlflow.set_tracking_uri(mlflow_server.uri)
         mlflow.set_experiment("gallery-train")
         with mlflow.start_run() as run:
-            mlflow.log_metric("loss", 1.0)
+            mlflow.log_metric("train/loss", 1.0)
         ckdir = tmp_path_factory.mktemp("ckpt")
         checkpoint.save(
             ckdir,
@@ -125,19 +125,25 @@ def test_gallery_dimensions_links_and_idempotence(registered, s3_env, mlflow_ser
     url = run_sample(job)
     assert url == f"{out}/gallery-vae/v{registered['version']}/{config_hash(job.sample)}"
     files = objects(url)
-    pad = lambda n: n * 30 + 2  # noqa: E731  (28-px tiles, 2-px padding)
+    # 28-px tiles and 2-px padding, all upscaled 4x (112-px tiles); a 24-px caption band on
+    # top; the traversals' 64-px column of row labels
+    pad = lambda n: 4 * (n * 30 + 2)  # noqa: E731
     expected = {
-        "prior_t0.5.png": (pad(8), pad(8)),
-        "prior_t1.png": (pad(8), pad(8)),
-        "reconstructions.png": (pad(8), pad(8)),
-        "interpolations.png": (pad(8), pad(10)),
-        "traversals.png": (pad(8), pad(9)),
+        "prior_t0.5.png": (pad(8) + 24, pad(8)),
+        "prior_t1.png": (pad(8) + 24, pad(8)),
+        "reconstructions.png": (pad(8) + 24, pad(8)),
+        "interpolations.png": (pad(8) + 24, pad(10 + 2)),  # endpoints A, B at both ends
+        "traversals.png": (pad(8) + 24, pad(9) + 64),
     }
     for name, (h, w) in expected.items():
         img = Image.open(io.BytesIO(files["/" + name]))
         assert (img.height, img.width) == (h, w), name
     html = files["/index.html"].decode()
     assert sorted(re.findall(r'<img src="([^"]+)"', html)) == sorted(expected)
+    captions = re.findall(r"<figcaption>([^<]+)</figcaption>", html)
+    assert "prior_t0.5.png: prior samples, temperature 0.5" in captions
+    assert any(c.startswith("interpolations.png: held-out A | ") for c in captions), captions
+    assert not re.search(r"(src|href)=[\"']?(https?:|//)", html)  # works offline
     assert f"version {registered['version']}" in html and registered["run_id"] in html
     marker = json.loads(files["/" + MARKER])
     assert marker["train_run_id"] == registered["run_id"]
@@ -157,8 +163,23 @@ def test_gallery_dimensions_links_and_idempotence(registered, s3_env, mlflow_ser
     # The model version links to the gallery and its run.
     from mlflow.tracking import MlflowClient
 
-    mv = MlflowClient(mlflow_server.uri).get_model_version("gallery-vae", registered["version"])
+    client = MlflowClient(mlflow_server.uri)
+    mv = client.get_model_version("gallery-vae", registered["version"])
     assert mv.tags["gallery_url"] == url
+    assert mv.run_id == registered["run_id"]  # the version's source run
+    gallery_run = client.get_run(mv.tags["gallery_run_id"])
+    page = (
+        f"{mlflow_server.uri}/#/experiments/{gallery_run.info.experiment_id}/runs/"
+        f"{gallery_run.info.run_id}/artifacts/gallery/index.html?workflowType=machine_learning"
+    )
+    assert mv.tags["gallery_page"] == page
+    assert mv.description.startswith(f"Trained in MLflow run [{registered['run_id']}](")
+    assert mv.description.endswith(f"Gallery: {url} ([index.html in MLflow]({page}))")
+    train_run = client.get_run(registered["run_id"])
+    assert train_run.data.tags["gallery_url"] == url
+    assert train_run.data.tags["gallery_page"] == page
+    exp = client.get_experiment(gallery_run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_same_seed_byte_identical(registered, s3_env, mlflow_server):
@@ -170,6 +191,18 @@ def test_same_seed_byte_identical(registered, s3_env, mlflow_server):
     a, b = objects(urls[0]), objects(urls[1])
     pngs = [k for k in a if k.endswith(".png")]
     assert len(pngs) == 5 and all(a[k] == b[k] for k in pngs)
+
+
+def test_gallery_index_renders_offline_in_chromium(registered, s3_env, mlflow_server, tmp_path):
+    """The gallery written to a local folder, opened as a file in headless Chromium: every
+    image loads (the page's script counts them). The screenshot stays in test-artifacts/."""
+    chromium_bin()
+    job = sample_job(mlflow_server, str(tmp_path / "g"), f"{registered['data']}/test", seed=5)
+    index = Path(run_sample(job)) / "index.html"
+    shot = ARTIFACTS / "gallery_index.png"
+    dom = chromium(index.as_uri(), screenshot=shot)
+    print(f"screenshot: {shot}")
+    assert re.search(r'<body[^>]* data-loaded="5/5"', dom), dom[:2000]
 
 
 def test_from_checkpoint_url(registered, tmp_path, mlflow_server):

@@ -329,8 +329,10 @@ def test_two_nodes_split_data_and_survive_node_death(
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     run_id = runs[0].info.run_id
     total = EPOCHS * PER_EPOCH
-    assert [m.step for m in ml.get_metric_history(run_id, "loss")] == list(range(4, total + 1, 4))
-    evals = ml.get_metric_history(run_id, "eval_neg_elbo_bits")
+    assert [m.step for m in ml.get_metric_history(run_id, "train/loss")] == list(
+        range(4, total + 1, 4)
+    )
+    evals = ml.get_metric_history(run_id, "eval/neg_elbo_bits")
     assert sorted(m.step for m in evals) == [PER_EPOCH, total]
     version = ml.get_model_version_by_alias(f"test-{NAME}", "candidate")
     assert version.run_id == run_id and version.version == "1"

@@ -43,7 +43,7 @@ def test_one_worker_trains_registers_and_reproduces_eval(
     res = run_training(job)
     steps_per_epoch = N_TRAIN // BATCH
     assert res.metrics["step"] == 2 * steps_per_epoch
-    loss = metric_steps(mlflow_server, res.run_id, "loss")
+    loss = metric_steps(mlflow_server, res.run_id, "train/loss")
     assert [s for s, _ in loss] == list(range(4, 2 * steps_per_epoch + 1, 4))
     assert loss[-1][1] < 0.8 * loss[0][1], loss  # the loss went down
 
@@ -58,7 +58,7 @@ def test_one_worker_trains_registers_and_reproduces_eval(
     batches = [b["image"] for _, b in zip(range(job.optim.eval_batches), make_loader(stream))]
     batches = list(binarize_fixed(torch.cat(batches)).split(len(batches[0])))  # as the loop does
     ev = eval_metrics(vae, batches, job.optim.iwae_k, job.optim.iwae_images)
-    logged = dict(metric_steps(mlflow_server, res.run_id, "eval_neg_elbo_bits"))
+    logged = dict(metric_steps(mlflow_server, res.run_id, "eval/neg_elbo_bits"))
     assert ev["eval_neg_elbo_bits"] == pytest.approx(logged[2 * steps_per_epoch], rel=1e-5)
     assert res.model_version == "1" and res.model_uri == "models:/test-one@candidate"
 
@@ -112,7 +112,7 @@ def test_two_workers_disjoint_samples_and_prometheus(
         assert len(r0) == len(r1) == per_rank * BATCH
         assert not set(r0) & set(r1)
         assert len(set(r0) | set(r1)) == N_TRAIN
-    loss = metric_steps(mlflow_server, res.run_id, "loss")
+    loss = metric_steps(mlflow_server, res.run_id, "train/loss")
     assert loss[-1][1] < loss[0][1]
     assert sorted(found) == ["0", "1"] and all(v > 0 for v in found.values()), found
 
@@ -138,7 +138,7 @@ def test_worker_killed_mid_epoch_resumes_one_run(
     client = MlflowClient(mlflow_server.uri)
     exp = client.get_experiment_by_name("test-kill")
     assert len(client.search_runs([exp.experiment_id])) == 1
-    hist = client.get_metric_history(res.run_id, "loss")
+    hist = client.get_metric_history(res.run_id, "train/loss")
     assert sorted(m.step for m in hist) == list(range(4, 2 * per_rank + 1, 4))
 
     # Steps after the last checkpoint (8) up to the kill (12) ran twice, on the same samples;
@@ -207,6 +207,6 @@ def test_submit_through_the_job_server(
     exp = client.get_experiment_by_name("test-submitted")
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"
-    assert {"loss", "eval_neg_elbo_bits", "images_per_second"} <= set(run.data.metrics)
+    assert {"train/loss", "eval/neg_elbo_bits", "data/images_per_second"} <= set(run.data.metrics)
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert any("reconstructions" in p for p in images) and any("prior_samples" in p for p in images)
