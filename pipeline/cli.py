@@ -90,6 +90,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    job = _load(args.file, "sweep")
+    _stack_env()
+    from pipeline.sweep.driver import run_sweep
+
+    config = dataclasses.replace(job.config, tracking=job.config.tracking.resolved())
+    run_sweep(config, address=args.address, env_vars=job.runtime_env.get("env_vars") or {})
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     _stack_env()
     from pipeline.serve.evaluate import main as evaluate_main
@@ -171,6 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--name",
         default=None,
         help="override scaling.name (a new name starts a new run; the same name resumes)",
+    )
+
+    sp = add(
+        "sweep",
+        cmd_sweep,
+        "a rate-distortion sweep: one Ray Tune trial (a Ray Train run) per KL weight",
+    )
+    sp.add_argument("file", metavar="FILE", help="a sweep job yaml, e.g. jobs/rd-sweep.yaml")
+    sp.add_argument(
+        "--address", default=None, help="Ray address (default: RAY_ADDRESS or a local cluster)"
     )
 
     sp = add(

@@ -4,7 +4,7 @@ Config flows one way: yaml -> dataclasses on the driver -> ``asdict()`` handed t
 rebuilt with :func:`pipeline.typed.build`. Every error is one line naming the file, the
 dotted key and what was expected. Each concern's config lives next to its code:
 :mod:`pipeline.data.config`, :mod:`pipeline.model.config`, :mod:`pipeline.train.config`,
-:mod:`pipeline.serve.config`.
+:mod:`pipeline.serve.config`, :mod:`pipeline.sweep.config`.
 """
 
 from __future__ import annotations
@@ -18,12 +18,18 @@ import yaml
 from pipeline.data.config import IngestJob
 from pipeline.errors import ConfigError
 from pipeline.serve.config import SampleJob
+from pipeline.sweep.config import SweepJob
 from pipeline.train.config import TrainJob
 from pipeline.typed import build
 
 __all__ = ["JOB_KINDS", "JobSpec", "StrictLoader", "load_job", "parse_job"]
 
-JOB_KINDS: dict[str, type] = {"train": TrainJob, "sample": SampleJob, "ingest": IngestJob}
+JOB_KINDS: dict[str, type] = {
+    "train": TrainJob,
+    "sample": SampleJob,
+    "ingest": IngestJob,
+    "sweep": SweepJob,
+}
 
 
 @dataclass

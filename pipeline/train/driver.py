@@ -116,8 +116,14 @@ def run_training(
     address: str | None = None,
     register: bool = True,
     env_vars: dict[str, str] | None = None,
+    tags: dict[str, str] | None = None,
+    callbacks: list | None = None,
 ) -> TrainResult:
-    """Train ``job`` on Ray Train; register the final model in MLflow."""
+    """Train ``job`` on Ray Train; register the final model in MLflow.
+
+    ``tags`` are added to the MLflow run's (e.g. ``mlflow.parentRunId`` for a sweep's point);
+    ``callbacks`` are Ray Train callbacks (e.g. one reporting to the Ray Tune trial it runs in).
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -130,6 +136,7 @@ def run_training(
     # a new launch tries again what an earlier launch recorded as a deterministic failure
     fatal.clear(fatal.fatal_url(storage_path(job.scaling.storage_path), job.scaling.name))
     spec = RunSpec.from_job(job)
+    spec.tags.update(tags or {})
     run_id = _mlflow_run(spec)
     owns_ray = not ray.is_initialized()
     if owns_ray:
@@ -166,6 +173,7 @@ def run_training(
             failure_config=FailureConfig(
                 max_failures=s.max_failures, controller_failure_limit=s.controller_failure_limit
             ),
+            callbacks=callbacks,
             worker_runtime_env={"env_vars": WORKER_PRINT},
         ),
         torch_config=torch_config(job),
