@@ -248,9 +248,12 @@ def chromium_bin() -> str:
     return path
 
 
-def chromium(url: str, screenshot: Path | None = None, budget_ms: int = 20_000) -> str:
-    """The DOM of ``url`` after ``budget_ms`` of virtual time (scripts run, fetches settle);
-    with ``screenshot``, also a 1400x2200 PNG of the page written there."""
+def chromium(
+    url: str, screenshot: Path | None = None, budget_ms: int = 20_000, height: int = 2200
+) -> str:
+    """The DOM of ``url`` in a 1400 x ``height`` window after ``budget_ms`` of virtual time
+    (scripts run, fetches settle); with ``screenshot``, also a PNG of the page written there.
+    Pages that render only what is on screen (MLflow's charts) need the height."""
     exe = chromium_bin()
 
     def run(*args: str) -> str:
@@ -264,9 +267,9 @@ def chromium(url: str, screenshot: Path | None = None, budget_ms: int = 20_000) 
         assert out.returncode == 0, out.stderr[-2000:]
         return out.stdout
 
-    budget = f"--virtual-time-budget={budget_ms}"
+    budget, window = f"--virtual-time-budget={budget_ms}", f"--window-size=1400,{height}"
     if screenshot is not None:
         screenshot.parent.mkdir(parents=True, exist_ok=True)
-        run(budget, "--window-size=1400,2200", f"--screenshot={screenshot}")
+        run(budget, window, f"--screenshot={screenshot}")
         assert screenshot.stat().st_size > 0
-    return run(budget, "--dump-dom")
+    return run(budget, window, "--dump-dom")
