@@ -2,16 +2,21 @@
 
 The fault tests set these on the cluster (``runtime_env.env_vars`` or the head's env):
 
-    PIPELINE_FAULT_NAN_STEP     comma-separated 1-based steps whose loss becomes NaN
+    PIPELINE_FAULT_NAN_STEP     comma-separated 1-based steps whose loss becomes NaN, on
+                                rank PIPELINE_FAULT_NAN_RANK only when that is set
     PIPELINE_FAULT_KILL_STEP    the step at which rank PIPELINE_FAULT_KILL_RANK (default 1)
                                 SIGKILLs itself mid-step, once: PIPELINE_FAULT_MARKER is the
                                 file that records it did, PIPELINE_FAULT_KILL_DELAY the seconds
                                 of "work" before the kill (default 3)
     PIPELINE_RECORD_KEYS_DIR    a folder where every rank appends "epoch step key" per sample
+                                (rank<r>.txt), a line per start of its loop (attempts-rank<r>.txt:
+                                how many attempts the run took) and the sha256 of its final
+                                weights (weights-rank<r>.txt)
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import time
@@ -20,13 +25,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["corrupt_loss", "record_keys"]
+__all__ = ["corrupt_loss", "record_attempt", "record_keys", "record_weights", "weights_sha256"]
 
 
 def corrupt_loss(step: int, rank: int, loss: torch.Tensor) -> torch.Tensor:
     """``loss`` as the fault variables make it at 1-based ``step`` on ``rank`` (NaN, or a kill)."""
+    nan_rank = os.environ.get("PIPELINE_FAULT_NAN_RANK", "")
     if str(step) in os.environ.get("PIPELINE_FAULT_NAN_STEP", "").split(","):
-        loss = loss * float("nan")
+        if not nan_rank or int(nan_rank) == rank:
+            loss = loss * float("nan")
     kill = os.environ.get("PIPELINE_FAULT_KILL_STEP")
     marker = os.environ.get("PIPELINE_FAULT_MARKER", "")
     if kill == str(step) and rank == int(os.environ.get("PIPELINE_FAULT_KILL_RANK", "1")):
@@ -43,3 +50,29 @@ def record_keys(rank: int, epoch: int, step: int, keys: Iterable[str]) -> None:
     if folder:
         with open(Path(folder) / f"rank{rank}.txt", "a") as f:
             f.write("".join(f"{epoch} {step} {k}\n" for k in keys))
+
+
+def _record(name: str, line: str) -> None:
+    folder = os.environ.get("PIPELINE_RECORD_KEYS_DIR")
+    if folder:
+        with open(Path(folder) / name, "a") as f:
+            f.write(line + "\n")
+
+
+def record_attempt(rank: int) -> None:
+    """Note that ``rank`` started (or restarted) its loop: one line per attempt."""
+    _record(f"attempts-rank{rank}.txt", str(os.getpid()))
+
+
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """The sha256 of a state dict: every name and every tensor's exact bytes."""
+    h = hashlib.sha256()
+    for k, v in sorted(state.items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def record_weights(rank: int, step: int, model: torch.nn.Module) -> None:
+    """Append ``step`` and the :func:`weights_sha256` of ``model``'s final weights."""
+    _record(f"weights-rank{rank}.txt", f"{step} {weights_sha256(model.state_dict())}")

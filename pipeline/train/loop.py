@@ -25,7 +25,7 @@ from pipeline.data.stream import ShardStream, make_loader
 from pipeline.model import VAE, elbo_terms, evaluate, kl_warmup
 from pipeline.model.quality import binarize, binarize_fixed
 from pipeline.serve.images import grid
-from pipeline.train import checkpoint, fatal, faults
+from pipeline.train import checkpoint, fatal, faults, resume
 from pipeline.train.config import OptimConfig, TrainJob
 from pipeline.train.metrics import WorkerMetrics
 from pipeline.train.progress import Progress
@@ -138,12 +138,18 @@ class RunState:
         return self.epoch >= o.epochs or bool(o.max_steps and self.step >= o.max_steps)
 
     def restore(self, ckpt: ray.train.Checkpoint | None) -> None:
-        """Load ``ckpt`` (weights, EMA, optimizer, schedule, counters, stream position)."""
+        """Load ``ckpt`` (weights, EMA, optimizer, schedule, counters, stream position), or
+        the run's newest earlier checkpoint that verifies if ``ckpt`` does not."""
         if ckpt is None:
             self.stream.set_epoch(0)
             return
-        with ckpt.as_directory() as cdir:
-            saved = checkpoint.load(cdir)
+        resumed = resume.load(ckpt)  # this rank's own download, never a shared folder
+        if self.rank == 0:
+            for bad in resumed.bad:
+                print(f"warning: skipping checkpoint {bad}", flush=True)
+            if resumed.bad:
+                print(f"warning: resuming from the previous checkpoint {resumed.path}", flush=True)
+        saved = resumed.saved
         self.vae.load_state_dict(saved["model"])
         if self.ema is not None and saved["ema"] is not None:
             self.ema.load_state_dict(saved["ema"])
@@ -297,6 +303,7 @@ def train_loop(loop_config: dict) -> None:
     fatal.check(fatal_url)  # an earlier attempt hit a deterministic failure: do not replay it
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    faults.record_attempt(rank)
     if optim.torch_threads:
         torch.set_num_threads(optim.torch_threads)
     torch.manual_seed(optim.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
@@ -341,6 +348,7 @@ def train_loop(loop_config: dict) -> None:
             run.end_epoch()
             ev = evaluate_epoch(run, device, tracker) if tracker is not None else {}
             run.save_and_report(ev, tracker, metrics)  # [6] Report + checkpoint: epoch end
+        faults.record_weights(rank, run.step, run.vae)
         finish_tracking(tracker)
     except BaseException as e:
         run.record_failure(e, fatal_url, tracker, metrics)

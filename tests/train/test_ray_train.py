@@ -131,6 +131,11 @@ def test_worker_killed_mid_epoch_resumes_one_run(
     assert marker.exists(), "the fault was never injected"
     per_rank = N_TRAIN // (2 * BATCH)
     assert res.metrics["step"] == 2 * per_rank
+    # One kill, one retry: both ranks (on one node) restored the same S3 checkpoint at once,
+    # each from its own download, so the restart did not fail on a half-rewritten copy.
+    for rank in (0, 1):
+        attempts = (keys_dir / f"attempts-rank{rank}.txt").read_text().split()
+        assert len(attempts) == 2, (rank, attempts)
 
     # One MLflow run; its step axis has no gaps and no repeats.
     from mlflow.tracking import MlflowClient
