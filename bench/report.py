@@ -467,6 +467,42 @@ def summary_section(r: dict) -> list[str]:
     return head + _table(["measurement", "result", "baseline (same run)", "ratio"], rows)
 
 
+def sweep_section(s: dict) -> list[str]:
+    c = s["config"]
+    out = [
+        f"### 8. Rate-distortion sweep: {len(c['kl_weights'])} points as Ray Tune trials "
+        f"against the same points one after another ({c['steps_per_point']} steps each, "
+        f"{c['workers_per_point']} worker per point, batch {c['batch']}, Ray head with "
+        f"{c['ray_cpus']} CPUs)",
+        "",
+    ]
+    out += _table(
+        ["run", "wall s", "ratio"],
+        [
+            ["`pipeline sweep` (Tune, trials concurrent)", f"{s['sweep_wall_seconds']:.0f}", "-"],
+            [
+                "`run_training` per point, one after another (median of "
+                f"{len(s['sequential_runs_seconds'])} runs bracketing the sweep)",
+                f"{s['sequential_wall_seconds']:.0f}",
+                f"sequential / sweep = {s['speedup']:.2f}",
+            ],
+        ],
+    )
+    out += _table(
+        ["KL weight", "rate bits", "distortion bits", "-ELBO bits"],
+        [
+            [f"{p['kl_weight']:g}", p["rate_bits"], p["distortion_bits"], p["neg_elbo_bits"]]
+            for p in s["points"]
+        ],
+    )
+    out += [
+        f"ELBO-optimal point: {s['best']}. Wall times include Ray/Tune start-up; trials can only "
+        "run side by side on the cores the machine has (see the machine line above).",
+        "",
+    ]
+    return out
+
+
 def markdown(r: dict) -> str:
     out = ["# Benchmark results", "", *summary_section(r), *machine_section(r)]
     for key, fn in (
@@ -476,6 +512,7 @@ def markdown(r: dict) -> str:
         ("sampling", sampling_section),
         ("quality", quality_section),
         ("fixes", fixes_section),
+        ("sweep", sweep_section),
     ):
         if key in r:
             out += fn(r[key])

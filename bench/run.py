@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SECTIONS = ("data", "train", "overhead", "sampling", "quality", "fixes")
+SECTIONS = ("data", "train", "overhead", "sampling", "quality", "fixes", "sweep")
 DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "quality")
 OUT_DIR = Path(__file__).resolve().parent
 
@@ -117,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         "machine": common.machine(),
     }
     log(f"{settings.mode} mode, sections {only}; machine {results['machine']}")
-    need_ray = bool({"train", "overhead", "sampling"} & set(only))
+    need_ray = bool({"train", "overhead", "sampling", "sweep"} & set(only))
+    need_mlflow = bool({"train", "sweep"} & set(only))
     with (
-        BenchStack(num_cpus=4, with_ray=need_ray, with_mlflow="train" in only) as stack,
+        BenchStack(num_cpus=4, with_ray=need_ray, with_mlflow=need_mlflow) as stack,
         tempfile.TemporaryDirectory(prefix="bench-data-") as work,
     ):
         results["meta"]["service_startup_seconds"] = stack.startup_seconds
@@ -172,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
                     from bench import fixes
 
                     results["fixes"] = fixes.run(settings, results, Path(work), log)
+                elif section == "sweep":
+                    from bench import sweep
+
+                    results["sweep"] = sweep.run(settings, stack, log)
             timings[section] = round(t.seconds, 1)
             log(f"{section} done in {t.seconds:.0f}s")
             results["meta"]["runtime_minutes"] = round((time.perf_counter() - t0) / 60, 1)

@@ -41,6 +41,7 @@ __all__ = ["SWEEP_TAG", "SweepResult", "run_sweep"]
 
 SWEEP_TAG = "pipeline.sweep"
 CURVE_PNG, CURVE_TABLE, CURVE_CSV = "rd_curve.png", "rd_curve.json", "rd_curve.csv"
+GALLERY_PNG = "rd_gallery.png"  # a row of prior samples and reconstructions per point
 
 
 @dataclass
@@ -84,6 +85,25 @@ def publish(job: SweepJob, parent_run_id: str, decided: list[PointResult]) -> No
     client.set_tag(parent_run_id, "rd.points_decided", str(len(decided)))
 
 
+def publish_gallery(job: SweepJob, parent_run_id: str, decided: list[PointResult]) -> None:
+    """Log the per-point gallery (:mod:`pipeline.sweep.gallery`) into the parent run; a
+    failure is a warning: the curve and the models are what the sweep is for."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.sweep.gallery import sweep_gallery
+
+    if not decided:
+        return
+    try:
+        png = sweep_gallery(decided, job.data.test_url)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / GALLERY_PNG
+            path.write_bytes(png)
+            MlflowClient(job.tracking.mlflow_uri).log_artifact(parent_run_id, str(path))
+    except Exception as e:
+        print(f"warning: no sweep gallery ({type(e).__name__}: {e})", flush=True)
+
+
 class CurveCallback(tune.Callback):
     """Redraws the parent run's curve each time a trial finishes (on the sweep's driver)."""
 
@@ -115,7 +135,19 @@ def scheduler(job: SweepJob):
     )
 
 
-def _tuner(job: SweepJob, todo: list[Point], parent_run_id: str) -> tune.Tuner:
+def concurrency(job: SweepJob, cluster: dict[str, float]) -> int:
+    """``sweep.max_concurrent``, or (0) as many trials as ``cluster``'s resources fit whole:
+    further trials wait in Tune's queue rather than as Train runs waiting for workers."""
+    if job.sweep.max_concurrent:
+        return job.sweep.max_concurrent
+    s = job.scaling
+    fit = int(cluster.get("CPU", 0) // (s.num_workers * s.cpus_per_worker + job.sweep.trial_cpus))
+    if s.use_gpu:
+        fit = min(fit, int(cluster.get("GPU", 0) // (s.num_workers * (s.gpus_per_worker or 1))))
+    return max(1, fit)
+
+
+def _tuner(job: SweepJob, todo: list[Point], parent_run_id: str, at_once: int) -> tune.Tuner:
     s = job.sweep
     points = {
         p.run_name: {
@@ -134,7 +166,7 @@ def _tuner(job: SweepJob, todo: list[Point], parent_run_id: str) -> tune.Tuner:
             "points_url": results.points_url(job.root),
         },
         tune_config=tune.TuneConfig(
-            max_concurrent_trials=s.max_concurrent or None,
+            max_concurrent_trials=at_once,
             scheduler=scheduler(job),
             trial_name_creator=lambda t: t.config["point"],
             trial_dirname_creator=lambda t: t.config["point"],
@@ -250,13 +282,16 @@ def run_sweep(
             )
         # trials keep the driver's working dir (relative data paths resolve as in `train`)
         os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-        grid = _tuner(job, todo, parent).fit()
+        at_once = concurrency(job, ray.cluster_resources())
+        print(f"running up to {at_once} point(s) at once; Tune queues the rest", flush=True)
+        grid = _tuner(job, todo, parent, at_once).fit()
         _record_stopped(job, grid, todo, parent)
         errors = {(r.config or {}).get("point"): r.error for r in grid if r.error}
     else:
         errors = {}
     decided = results.read_all(url)
     publish(job, parent, list(decided.values()))
+    publish_gallery(job, parent, list(decided.values()))
     missing = [p.run_name for p in points if p.run_name not in decided]
     client = MlflowClient(job.tracking.mlflow_uri)
     if missing:

@@ -12,10 +12,11 @@ import time
 
 import pytest
 import yaml
+from PIL import Image
 
 from pipeline.sweep import results
 from pipeline.sweep.config import SweepJob
-from pipeline.sweep.driver import CURVE_PNG, CURVE_TABLE, run_sweep
+from pipeline.sweep.driver import CURVE_PNG, CURVE_TABLE, GALLERY_PNG, run_sweep
 from pipeline.sweep.trial import PARENT_TAG
 from pipeline.typed import build, to_dict
 from tests.helpers import ROOT, make_job, wait_for
@@ -78,10 +79,13 @@ def test_three_point_sweep_curve_children_and_best_model(
 
     # the curve: a PNG and a table of the three points in the parent run
     arts = {a.path for a in client.list_artifacts(res.parent_run_id)}
-    assert {CURVE_PNG, CURVE_TABLE} <= arts, arts
+    assert {CURVE_PNG, CURVE_TABLE, GALLERY_PNG} <= arts, arts
     png = client.download_artifacts(res.parent_run_id, CURVE_PNG, str(tmp_path))
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    gallery = client.download_artifacts(res.parent_run_id, GALLERY_PNG, str(tmp_path))
+    with Image.open(gallery) as im:  # a row of data, then a row per point: 4 rows of 28 px tiles
+        assert im.height > 4 * 28 * 2, im.size
     table_path = client.download_artifacts(res.parent_run_id, CURVE_TABLE, str(tmp_path))
     table = json.loads(open(table_path).read())
     rows = [dict(zip(table["columns"], r)) for r in table["data"]]
