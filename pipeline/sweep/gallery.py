@@ -37,10 +37,10 @@ def sweep_gallery(
         params, _ = m.vae(x, sample_posterior=False)
         recon = m.vae.likelihood.mean(params).clamp(0, 1)
         rows.append(torch.cat([prior, recon]))
-        labels.append(f"β={r.kl_weight:g}" + (f" z{r.latent_dim}" if several_dims else ""))
+        labels.append(f"kl={r.kl_weight:g}" + (f" z{r.latent_dim}" if several_dims else ""))
     if x is None:
         raise ValueError("no point has a checkpoint to draw from")
     k = upscale(size, 56)
     a = grid(torch.cat(rows), n_prior + len(x), scale=k)
-    title = f"per KL weight: {n_prior} prior samples | reconstructions of the data row"
+    title = f"per KL weight (kl=): {n_prior} prior samples | reconstructions of the data row"
     return png_bytes(annotate(a, title, labels, k * (size + 2), 2 * k))
