@@ -503,6 +503,21 @@ def sweep_section(s: dict) -> list[str]:
     return out
 
 
+def gpu_section(g: dict) -> list[str]:
+    """``make gpu-check``'s numbers on a CUDA machine, or why the section was skipped."""
+    out = ["## GPU path (`bench.gpu_check`, one GPU)", ""]
+    if "skipped" in g:
+        return out + [f"Skipped: {g['skipped']}.", ""]
+    return out + [
+        f"Device: {g['device']} (exit {g['returncode']})",
+        "",
+        "```",
+        *g["lines"],
+        "```",
+        "",
+    ]
+
+
 def markdown(r: dict) -> str:
     out = ["# Benchmark results", "", *summary_section(r), *machine_section(r)]
     for key, fn in (
@@ -513,6 +528,7 @@ def markdown(r: dict) -> str:
         ("quality", quality_section),
         ("fixes", fixes_section),
         ("sweep", sweep_section),
+        ("gpu", gpu_section),
     ):
         if key in r:
             out += fn(r[key])

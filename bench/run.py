@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SECTIONS = ("data", "train", "overhead", "sampling", "quality", "fixes", "sweep")
+SECTIONS = ("data", "train", "overhead", "sampling", "quality", "fixes", "sweep", "gpu")
 DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "quality")
 OUT_DIR = Path(__file__).resolve().parent
 
@@ -47,6 +47,24 @@ def _write(results: dict, out_dir: Path) -> None:
     if "quality" in results:
         training_curve(results["quality"], out_dir / "training_curve.png")
     (out_dir / "results.md").write_text(markdown(results))
+
+
+def _gpu_section(log) -> dict:
+    """The GPU path's numbers (img/s, peak GPU memory, data wait) from ``bench.gpu_check``, run
+    as its own process with its own services; on a machine without CUDA, skipped with a line."""
+    import subprocess
+
+    import torch
+
+    if not torch.cuda.is_available():
+        log("gpu: skipped, no CUDA device on this machine (the sizing table needs a GPU run)")
+        return {"skipped": "no CUDA device on this machine"}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check"], capture_output=True, text=True, timeout=900
+    )
+    keep = ("images/s", "peak GPU memory", "data-wait", "PASS", "FAIL", "gpu-check:")
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith(keep)]
+    return {"device": torch.cuda.get_device_name(0), "returncode": done.returncode, "lines": lines}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                     from bench import sweep
 
                     results["sweep"] = sweep.run(settings, stack, log)
+                elif section == "gpu":
+                    results["gpu"] = _gpu_section(log)
             timings[section] = round(t.seconds, 1)
             log(f"{section} done in {t.seconds:.0f}s")
             results["meta"]["runtime_minutes"] = round((time.perf_counter() - t0) / 60, 1)
