@@ -291,7 +291,10 @@ def train_and_check(plan: Plan, st, data_url: str, report: Report) -> None:
         "PIPELINE_FAULT_KILL_STEP": str(plan.kill_step),
         "PIPELINE_FAULT_KILL_RANK": "0",
         "PIPELINE_FAULT_MARKER": str(marker),
-        "PIPELINE_FAULT_KILL_DELAY": "1",
+        # Ray Train V2 registers a reported checkpoint when its controller next polls the
+        # worker; a worker killed before that poll restarts from the checkpoint before it.
+        # The delay keeps the kill clear of that window, so the check measures the resume.
+        "PIPELINE_FAULT_KILL_DELAY": "5",
         "PIPELINE_RECORD_KEYS_DIR": str(keys_dir),
         "OMP_NUM_THREADS": "1",
     }

@@ -7,7 +7,9 @@ The fault tests set these on the cluster (``runtime_env.env_vars`` or the head's
     PIPELINE_FAULT_KILL_STEP    the step at which rank PIPELINE_FAULT_KILL_RANK (default 1)
                                 SIGKILLs itself mid-step, once: PIPELINE_FAULT_MARKER is the
                                 file that records it did, PIPELINE_FAULT_KILL_DELAY the seconds
-                                of "work" before the kill (default 3)
+                                of "work" before the kill (default 5: Ray Train polls a
+                                worker every 2 s, and a checkpoint reported but not yet
+                                polled is not the one a restart gets)
     PIPELINE_RECORD_KEYS_DIR    a folder where every rank appends "epoch step key" per sample
                                 (rank<r>.txt), a line per start of its loop (attempts-rank<r>.txt:
                                 how many attempts the run took) and the sha256 of its final
@@ -39,7 +41,7 @@ def corrupt_loss(step: int, rank: int, loss: torch.Tensor) -> torch.Tensor:
     if kill == str(step) and rank == int(os.environ.get("PIPELINE_FAULT_KILL_RANK", "1")):
         if marker and not Path(marker).exists():
             Path(marker).write_text(str(os.getpid()))
-            time.sleep(float(os.environ.get("PIPELINE_FAULT_KILL_DELAY", "3")))  # mid-step work
+            time.sleep(float(os.environ.get("PIPELINE_FAULT_KILL_DELAY", "5")))  # mid-step work
             os.kill(os.getpid(), signal.SIGKILL)
     return loss
 
