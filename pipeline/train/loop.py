@@ -57,6 +57,12 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
+def planned_steps(max_steps: int, per_epoch: int, epochs: int) -> int:
+    """Steps the run will take: ``epochs`` epochs, cut short by ``max_steps`` if set (the
+    schedule's length and the progress line's total)."""
+    return min(max_steps, per_epoch * epochs) if max_steps else per_epoch * epochs
+
+
 def gather(counts: dict, world: int) -> list[dict]:
     """Every rank's ``counts`` (a collective: all ranks call it at the same step)."""
     import torch.distributed as dist
@@ -97,7 +103,7 @@ class RunState:
         stream = ShardStream(
             job.data, rank=rank, world_size=world, batch_size=o.batch_size, split="train"
         )
-        total = o.max_steps or len(stream) * o.epochs
+        total = planned_steps(o.max_steps, len(stream), o.epochs)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.warmup_steps, total))
         ema = copy.deepcopy(vae).requires_grad_(False) if o.ema_decay > 0 else None
         device = next(vae.parameters()).device
@@ -125,7 +131,8 @@ class RunState:
 
     @property
     def total_steps(self) -> int:
-        return self.job.optim.max_steps or len(self.stream) * self.job.optim.epochs
+        o = self.job.optim
+        return planned_steps(o.max_steps, len(self.stream), o.epochs)
 
     def step_noise(self) -> torch.Generator:
         """The noise generator for the next step, seeded by (seed, rank, step): a resumed run

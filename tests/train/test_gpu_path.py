@@ -213,3 +213,11 @@ def test_ranks_draw_different_noise_reproducibly_and_a_resume_continues_it(data_
         assert torch.equal(draw, uninterrupted[step]), step
         assert not torch.equal(draw, uninterrupted[0])
         resumed.step += 1
+
+
+def test_planned_steps_is_the_shorter_of_epochs_and_max_steps():
+    from pipeline.train.loop import planned_steps
+
+    assert planned_steps(300, 234, 1) == 234  # the demo: one epoch ends first
+    assert planned_steps(100, 234, 1) == 100
+    assert planned_steps(0, 234, 2) == 468
