@@ -119,7 +119,14 @@ def test_restore_onto_a_moved_model_puts_all_state_where_the_params_are(data_url
         assert float(s64["step"]) == float(s32["step"]) == 3.0
     # and a step runs on it: AdamW and the EMA's lerp_ would raise on mixed dtypes
     x = next(iter(make_loader(run.stream)))["image"].double()
-    res = train_step(
+    res = one_step(model, run, x)
+    assert not res.skipped and res.out["loss"].dtype == torch.float64
+    assert_state_follows(run, torch.float64, torch.device("cpu"))
+
+
+def one_step(model, run, x):
+    """One optimizer step of ``run`` on ``x``, with its EMA and its step's noise."""
+    return train_step(
         model,
         run.vae,
         run.opt,
@@ -131,8 +138,6 @@ def test_restore_onto_a_moved_model_puts_all_state_where_the_params_are(data_url
         ema_decay=0.9,
         generator=run.step_noise(),
     )
-    assert not res.skipped and res.out["loss"].dtype == torch.float64
-    assert_state_follows(run, torch.float64, torch.device("cpu"))
 
 
 def test_fresh_start_on_a_moved_model(data_url):
@@ -151,18 +156,7 @@ def test_restore_onto_the_gpu(data_url, tmp_path):  # pragma: no cover - needs a
     device = torch.device("cuda", torch.cuda.current_device())
     assert_state_follows(run, torch.float32, device)
     x = next(iter(make_loader(run.stream)))["image"].to(device)
-    res = train_step(
-        model,
-        run.vae,
-        run.opt,
-        x,
-        kl_weight=1.0,
-        free_bits=0.0,
-        grad_clip=1.0,
-        ema=run.ema,
-        ema_decay=0.9,
-        generator=run.step_noise(),
-    )
+    res = one_step(model, run, x)
     assert not res.skipped
 
 
