@@ -15,7 +15,7 @@ $(error TORCH=$(TORCH): use TORCH=cpu (default) or TORCH=cuda)
 endif
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint up down status demo bench bench-quality bench-ingest gpu-check clean help
+.PHONY: install test test-fast lint up down status demo bench bench-quality bench-ingest gpu-check gpu-device clean help
 
 help:
 	@echo "make demo   - install, start the local stack, ingest Fashion-MNIST, train (2 workers), sample"
@@ -27,6 +27,7 @@ help:
 	@echo "make up / make down / make status - the local stack"
 	@echo "make bench  - benchmarks; results in bench/results.json and README"
 	@echo "make gpu-check - the GPU path end to end (<= 8 min on one GPU; on CPU, CUDA-only checks skipped)"
+	@echo "make gpu-device - the CUDA path and the sizing table with torch alone (no Ray/MLflow/S3), ~3 min on one GPU"
 
 install: $(VENV)/.installed
 
@@ -91,6 +92,9 @@ bench: install
 # S3, MLflow and Ray head on 127.0.0.1. One PASS/FAIL line per check; CI runs it on CPU.
 gpu-check: install
 	$(BIN)/python -m bench.gpu_check
+
+gpu-device: install
+	$(BIN)/python -m bench.gpu_device
 
 # The model-quality table (issue 4): 5 variants x 20 CPU-min side by side, ~60 min on 2 cores.
 # Ingest at scale: 1M synthetic images, killed midway and re-run (issue 16); bench/ingest_scale.json

@@ -48,8 +48,11 @@ def save(
     optimizer=None,
     scheduler=None,
     ema: torch.nn.Module | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
-    """Write a checkpoint into ``directory`` (created). Returns the directory."""
+    """Write a checkpoint into ``directory`` (created). Returns the directory. ``scaler`` (fp16
+    training): its scale and growth tracker go into ``optim.pt`` beside the optimizer's state,
+    so a resumed run does not restart the scale search from 2**16."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     files: dict[str, bytes] = {"model.safetensors": weights_bytes(model)}
@@ -61,6 +64,7 @@ def save(
             {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                "scaler": scaler.state_dict() if scaler is not None else {},
             },
             buf,
         )

@@ -162,6 +162,8 @@ class RunState:
             self.ema.load_state_dict(saved["ema"])
         self.opt.load_state_dict(saved["optim"]["optimizer"])  # cast to the params' device
         self.sched.load_state_dict(saved["optim"]["scheduler"])
+        if self.precision.scaler is not None and saved["optim"].get("scaler"):
+            self.precision.scaler.load_state_dict(saved["optim"]["scaler"])
         s = saved["state"]
         self.step, self.epoch = s["step"], s["epoch"]
         self.budget.count = s["skipped_steps"]
@@ -269,6 +271,7 @@ class RunState:
             optimizer=self.opt,
             scheduler=self.sched,
             ema=self.ema,
+            scaler=self.precision.scaler,
         )
 
 

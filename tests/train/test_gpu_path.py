@@ -215,3 +215,20 @@ def test_planned_steps_is_the_shorter_of_epochs_and_max_steps():
     assert planned_steps(300, 234, 1) == 234  # the demo: one epoch ends first
     assert planned_steps(100, 234, 1) == 100
     assert planned_steps(0, 234, 2) == 468
+
+
+def test_fp16_loss_scale_survives_a_resume(data_url, tmp_path):
+    """fp16's loss scaler state (scale, growth tracker) is in the checkpoint: a resumed run
+    continues with the scale it had, not 2**16 again (which would overflow and drop steps)."""
+    job = make_job(data_url, precision="fp16")
+    _, run = start_run(job, 0, 1, "run-1", None, same_module)
+    scaler = run.precision.scaler
+    assert scaler is not None and scaler.get_scale() == 2.0**16
+    scaler.scale(torch.ones(()))  # its state exists once a loss was scaled
+    scaler.update(new_scale=1024.0)  # what overflows would have brought it down to
+    scaler._growth_tracker.fill_(7)
+    run.write(str(tmp_path / "ckpt"), [{"run": {}, "epoch": run.stream.bad_counts()}], "run-1")
+
+    _, resumed = start_run(job, 0, 1, "", Checkpoint.from_directory(tmp_path / "ckpt"), same_module)
+    state = resumed.precision.scaler.state_dict()
+    assert (state["scale"], state["_growth_tracker"]) == (1024.0, 7)
