@@ -15,7 +15,7 @@ $(error TORCH=$(TORCH): use TORCH=cpu (default) or TORCH=cuda)
 endif
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint up down status demo bench bench-quality bench-ingest gpu-check gpu-device clean help
+.PHONY: install test test-fast lint up down status demo bench bench-quality bench-ingest bench-readme gpu-check gpu-device clean help
 
 help:
 	@echo "make demo   - install, start the local stack, ingest Fashion-MNIST, train (2 workers), sample"
@@ -26,6 +26,7 @@ help:
 	@echo "make lock   - regenerate requirements/lock-{cpu,cuda}.txt from pyproject.toml"
 	@echo "make up / make down / make status - the local stack"
 	@echo "make bench  - benchmarks; results in bench/results.json and README"
+	@echo "make bench-readme - the README's numbers from 3 runs each (bench, demo, ingest), ~35 min"
 	@echo "make gpu-check - the GPU path end to end (<= 8 min on one GPU; on CPU, CUDA-only checks skipped)"
 	@echo "make gpu-device - the CUDA path and the sizing table with torch alone (no Ray/MLflow/S3), ~3 min on one GPU"
 
@@ -98,6 +99,9 @@ gpu-device: install
 
 # The model-quality table (issue 4): 5 variants x 20 CPU-min side by side, ~60 min on 2 cores.
 # Ingest at scale: 1M synthetic images, killed midway and re-run (issue 16); bench/ingest_scale.json
+bench-readme: install
+	$(BIN)/python -m bench.repeat
+
 bench-ingest: install
 	$(BIN)/python -m bench.ingest_scale
 

@@ -341,75 +341,119 @@ def fixes_section(f: dict) -> list[str]:
     )
 
 
-def summary_section(r: dict) -> list[str]:
-    """The headline ratios, each against its baseline from the same run (README table)."""
+def summary_numbers(r: dict) -> list[dict]:
+    """The headline measurements of one run as numbers: ``label``, ``value`` and ``unit``,
+    ``baseline`` (its label) and ``base`` (its value, same run), ``ratio``. The README's
+    Performance table is the median of these over repeated runs (``bench.repeat``)."""
+
+    def row(label, value, unit, baseline, base, ratio):
+        return dict(label=label, value=value, unit=unit, baseline=baseline, base=base, ratio=ratio)
+
     rows = []
     d = r.get("data_path", {}).get("fashion_mnist_28_png_L")
     if d:
         ips, q = d["images_per_second"], d["ratios"]
         rows += [
-            [
+            row(
                 "data: Fashion-MNIST local shards, in-process",
-                f"{_n(ips['local_w0'])} img/s",
-                f"decode from memory {_n(ips['memory'])}",
-                f"{q['local_vs_limit_w0']:.2f}",
-            ],
-            [
+                ips["local_w0"],
+                "img/s",
+                "decode from memory",
+                ips["memory"],
+                q["local_vs_limit_w0"],
+            ),
+            row(
                 "data: S3 / local shards, 2 loader workers",
-                f"{_n(ips['s3_w2'])} img/s",
-                f"local {_n(ips['local_w2'])}",
-                f"{q['s3_vs_local_w2']:.2f}",
-            ],
-            [
+                ips["s3_w2"],
+                "img/s",
+                "local",
+                ips["local_w2"],
+                q["s3_vs_local_w2"],
+            ),
+            row(
                 "data: shards / folder of files, 2 loader workers",
-                f"{_n(ips['local_w2'])} img/s",
-                f"folder {_n(ips['folder_w2'])}",
-                f"{q['shards_vs_folder_w2']:.2f}",
-            ],
+                ips["local_w2"],
+                "img/s",
+                "folder",
+                ips["folder_w2"],
+                q["shards_vs_folder_w2"],
+            ),
         ]
     t = r.get("train")
     if t:
+        one, two = t["ray_1w"]["images_per_second"], t["ray_2w"]["images_per_second"]
         rows += [
-            [
+            row(
                 "train: pipeline, Ray Train 1 worker, data from S3",
-                f"{_n(t['ray_1w']['images_per_second'])} img/s",
-                f"plain loop {_n(t['plain']['images_per_second'])}",
-                f"{t['ratios']['ray_1w_vs_plain']:.2f}",
-            ],
-            [
+                one,
+                "img/s",
+                "plain loop",
+                t["plain"]["images_per_second"],
+                t["ratios"]["ray_1w_vs_plain"],
+            ),
+            row(
                 "train: 2 DDP workers vs 1, same global batch",
-                f"{_n(t['ray_2w']['images_per_second'])} img/s",
-                f"1 worker {_n(t['ray_1w']['images_per_second'])}",
-                f"{t['ratios']['ray_2w_vs_ray_1w']:.2f}",
-            ],
+                two,
+                "img/s",
+                "1 worker",
+                one,
+                t["ratios"]["ray_2w_vs_ray_1w"],
+            ),
         ]
     o = r.get("overhead")
     if o:
+        tt, tr = o["torchtrainer"], o["torchrun"]
         rows += [
-            [
+            row(
                 "Ray Train overhead: TorchTrainer vs torchrun, steady img/s",
-                f"{_n(o['torchtrainer']['images_per_second'])} img/s",
-                f"torchrun {_n(o['torchrun']['images_per_second'])}",
-                f"{o['ratios']['torchtrainer_vs_torchrun']:.2f}",
-            ],
-            [
+                tt["images_per_second"],
+                "img/s",
+                "torchrun",
+                tr["images_per_second"],
+                o["ratios"]["torchtrainer_vs_torchrun"],
+            ),
+            row(
                 "Ray Train overhead: wall time of the same run",
-                f"{o['torchtrainer']['wall_seconds']:.1f} s",
-                f"torchrun {o['torchrun']['wall_seconds']:.1f} s",
-                f"{o['ratios']['wall_torchtrainer_vs_torchrun']:.2f}",
-            ],
+                tt["wall_seconds"],
+                "s",
+                "torchrun",
+                tr["wall_seconds"],
+                o["ratios"]["wall_torchtrainer_vs_torchrun"],
+            ),
         ]
     s = r.get("sampling")
     if s:
         ips = s["samples_per_second"]
-        rows += [
-            [
+        rows.append(
+            row(
                 f"sampling: `generate` (Ray Data), N={s['config']['samples']}",
-                f"{_n(ips['generate_ray_data'])} samples/s",
-                f"plain decoder loop {_n(ips['plain_decoder'])}",
-                f"{s['ratios']['generate_vs_plain']:.2f}",
+                ips["generate_ray_data"],
+                "samples/s",
+                "plain decoder loop",
+                ips["plain_decoder"],
+                s["ratios"]["generate_vs_plain"],
+            )
+        )
+    return rows
+
+
+def _value(x: float, unit: str) -> str:
+    return f"{x:.1f} s" if unit == "s" else f"{_n(x)} {unit}"
+
+
+def summary_section(r: dict) -> list[str]:
+    """The headline ratios, each against its baseline from the same run (README table)."""
+    rows = []
+    for x in summary_numbers(r):
+        base = f"{x['base']:.1f} s" if x["unit"] == "s" else _n(x["base"])
+        rows.append(
+            [
+                x["label"],
+                _value(x["value"], x["unit"]),
+                f"{x['baseline']} {base}",
+                f"{x['ratio']:.2f}",
             ]
-        ]
+        )
     q = r.get("quality")
     if q:
         v, mins = q["variants"], q["config"]["cpu_minutes_per_variant"]
