@@ -31,8 +31,10 @@ _LAZY = {
     "elbo_terms": "objective",
     "evaluate": "objective",
     "iwae_bound": "objective",
+    "iwae_terms": "objective",
     "kl_warmup": "objective",
     "psnr": "objective",
+    "training_terms": "objective",
     "VAE": "vae",
     "Decoder": "vae",
     "DiagonalGaussian": "vae",
@@ -70,8 +72,10 @@ if TYPE_CHECKING:
         elbo_terms,
         evaluate,
         iwae_bound,
+        iwae_terms,
         kl_warmup,
         psnr,
+        training_terms,
     )
     from .vae import (
         VAE,
@@ -112,6 +116,7 @@ __all__ = [
     "elbo_terms",
     "evaluate",
     "iwae_bound",
+    "iwae_terms",
     "kl_warmup",
     "load_model",
     "load_weights",
@@ -120,6 +125,7 @@ __all__ = [
     "prior_log_prob",
     "psnr",
     "save_weights",
+    "training_terms",
     "weights_metadata",
 ]
 

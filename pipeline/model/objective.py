@@ -1,4 +1,5 @@
-"""Training objective and evaluation: rate, distortion, ELBO (both lecture forms), IWAE.
+"""Training objective and evaluation: rate, distortion, ELBO (both lecture forms), IWAE
+(as an estimate and as a training loss).
 
 All values are per image in nats unless named ``*_bits`` or ``bits_per_dim``. Notation of the
 lecture (TTIC 31230, "Variational Autoencoders"): y image, z latent, P_Psi(z|y) encoder,
@@ -172,6 +173,76 @@ def elbo_terms(
         "rate_per_group": rate_groups.mean(0).detach(),
         "kl_weight": loss.new_tensor(float(kl_weight)).detach(),
     }
+
+
+def iwae_terms(
+    model: VAE,
+    x: Tensor,
+    k: int,
+    *,
+    kl_weight: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """The importance-weighted bound as a training loss (Burda et al. 2015, eq. 8).
+
+    ``loss = -mean_y L_k(y)``, L_k = ln (1/k) sum_i exp(ln w_i), with the log weights
+    ln w_i = ln Q_Phi(y|z_i) + kl_weight (ln P_Phi(z_i) - ln P_Psi(z_i|y)), z_i ~ P_Psi(z|y):
+    at ``kl_weight = 1`` the lecture's ln Q(y) estimate, L_1 <= L_k <= ln Q_Phi(y), and for
+    k = 1 exactly the first ELBO form on the same draw (lecture "Variational Autoencoders").
+    ``kl_weight < 1`` is KL warm-up applied inside the weights. Free bits have no meaning here.
+
+    Returns:
+        ``elbo_terms``' keys (``rate``/``distortion``/``neg_elbo`` in the second ELBO form, KL
+        in closed form, averaged over the k draws) plus ``neg_iwae`` (nats/image, detached).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    posterior = model.encode(x)
+    if posterior.deterministic:
+        raise ValueError("the IWAE objective needs a stochastic encoder")
+    z = posterior.rsample(k, generator)  # (k, B, *latent)
+    log_px = model.likelihood.log_prob(x, model.decode(z))  # (k, B)
+    log_ratio = model.prior_log_prob(z) - posterior.log_prob(z)  # ln P_Phi(z) - ln P_Psi(z|y)
+    bound = torch.logsumexp(log_px + kl_weight * log_ratio, dim=0) - math.log(k)  # (B,)
+    loss = -bound.mean()
+    distortion = -log_px.mean(0).detach()
+    groups = posterior.kl_per_unit().detach()
+    groups = groups if groups.dim() == 2 else groups.flatten(2).sum(-1)  # (B, G)
+    rate = groups.sum(1)
+    neg_elbo = (distortion + rate).mean()
+    dims = _num_dims(x)
+    honest = neg_elbo + dims * model.likelihood.dequantization_nats_per_dim
+    return {
+        "loss": loss,
+        "neg_iwae": loss.detach(),
+        "distortion": distortion.mean(),
+        "rate": rate.mean(),
+        "neg_elbo": neg_elbo,
+        "neg_elbo_bits": neg_elbo / LN2,
+        "rate_bits": rate.mean() / LN2,
+        "distortion_bits": distortion.mean() / LN2,
+        "bits_per_dim": bits_per_dim(honest, dims),
+        "rate_per_group": groups.mean(0),
+        "kl_weight": loss.new_tensor(float(kl_weight)).detach(),
+    }
+
+
+def training_terms(
+    model: VAE,
+    x: Tensor,
+    *,
+    objective: str = "elbo",
+    iwae_k: int = 1,
+    kl_weight: float = 1.0,
+    free_bits: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """``elbo_terms`` (``objective="elbo"``) or ``iwae_terms`` with ``iwae_k`` draws."""
+    if objective == "elbo":
+        return elbo_terms(model, x, kl_weight=kl_weight, free_bits=free_bits, generator=generator)
+    if objective == "iwae":
+        return iwae_terms(model, x, iwae_k, kl_weight=kl_weight, generator=generator)
+    raise ValueError(f"objective must be 'elbo' or 'iwae', got {objective!r}")
 
 
 def psnr(x: Tensor, x_hat: Tensor) -> Tensor:

@@ -54,6 +54,10 @@ class OptimConfig(Checked):
     kl_weight: Annotated[float, Range(ge=0)] = 1.0  # the beta / lambda weight
     kl_warmup_steps: Annotated[int, Range(ge=0)] = 0
     free_bits: Annotated[float, Range(ge=0)] = 0.0  # nats per latent group
+    # elbo: the negative ELBO; iwae: the negative importance-weighted bound on iwae_train_k
+    # draws per image (Burda et al. 2015), tighter than the ELBO for iwae_train_k > 1
+    objective: Literal["elbo", "iwae"] = "elbo"
+    iwae_train_k: Annotated[int, Range(ge=1)] = 1
     ema_decay: Annotated[float, Range(ge=0, lt=1)] = 0.0  # 0: no EMA weights
     # auto: bf16 autocast on a CUDA device that has it, fp32 elsewhere; fp16: with loss scaling
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -66,6 +70,13 @@ class OptimConfig(Checked):
     iwae_images: Annotated[int, Range(ge=1)] = 64
     seed: int = 0
     torch_threads: Annotated[int, Range(ge=0)] = 0  # 0: leave torch's default
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.objective == "elbo" and self.iwae_train_k != 1:
+            raise ConfigError("iwae_train_k", "only for objective 'iwae' (objective is 'elbo')")
+        if self.objective == "iwae" and self.free_bits:
+            raise ConfigError("free_bits", "only for objective 'elbo' (objective is 'iwae')")
 
 
 @dataclass
@@ -121,6 +132,10 @@ class TrainJob:
                 "model.likelihood",
                 "'bernoulli' needs binary pixels but shards hold 8-bit images: set "
                 "data.binarize: true (dynamic binarization) or use 'discretized_logistic'",
+            )
+        if self.optim.objective == "iwae" and m.deterministic_encoder:
+            raise ConfigError(
+                "optim.objective", "'iwae' needs a stochastic encoder (model.deterministic_encoder)"
             )
         if d.binarize and m.likelihood != "bernoulli":
             raise ConfigError(

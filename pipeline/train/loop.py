@@ -291,7 +291,7 @@ def start_run(
     vae = prepare_layout(
         VAE.from_config(job.model), device or torch.device("cpu"), job.optim.compile
     )
-    model = prepare(Objective(vae))
+    model = prepare(Objective(vae, job.optim.objective, job.optim.iwae_train_k))
     run = RunState.create(job, vae, rank, world, run_id)
     run.restore(ckpt)
     return model, run

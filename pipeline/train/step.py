@@ -13,15 +13,17 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.model import VAE, elbo_terms
+from pipeline.model import VAE, training_terms
 
 
 class Objective(nn.Module):
-    """The negative ELBO as a module, so DDP's forward hooks see it and all-reduce gradients."""
+    """The training loss as a module, so DDP's forward hooks see it and all-reduce gradients:
+    the negative ELBO, or with ``objective="iwae"`` the negative IWAE bound on ``iwae_k``
+    draws (``optim.objective``, ``optim.iwae_train_k``)."""
 
-    def __init__(self, vae: VAE):
+    def __init__(self, vae: VAE, objective: str = "elbo", iwae_k: int = 1):
         super().__init__()
-        self.vae = vae
+        self.vae, self.objective, self.iwae_k = vae, objective, iwae_k
 
     def forward(
         self,
@@ -30,8 +32,14 @@ class Objective(nn.Module):
         free_bits: float,
         generator: torch.Generator | None = None,
     ) -> dict:
-        return elbo_terms(
-            self.vae, x, kl_weight=kl_weight, free_bits=free_bits, generator=generator
+        return training_terms(
+            self.vae,
+            x,
+            objective=self.objective,
+            iwae_k=self.iwae_k,
+            kl_weight=kl_weight,
+            free_bits=free_bits,
+            generator=generator,
         )
 
 
@@ -84,7 +92,7 @@ def noise_seed(seed: int, rank: int, step: int) -> int:
 
 @dataclass
 class StepResult:
-    out: dict  # elbo_terms of the batch (before any injected fault)
+    out: dict  # training_terms of the batch (before any injected fault)
     grad_norm: torch.Tensor  # total gradient norm before clipping; non-finite if skipped
     skipped: bool  # a non-finite loss or gradient: counted against the skip budget
     overflow: bool = False  # fp16: the scaled gradients overflowed; the scaler lowers its

@@ -20,9 +20,11 @@ from pipeline.model import (
     elbo_terms,
     evaluate,
     iwae_bound,
+    iwae_terms,
     kl_warmup,
     prior_log_prob,
     psnr,
+    training_terms,
 )
 
 # --- posterior ----------------------------------------------------------------------------
@@ -197,6 +199,91 @@ def test_exact_posterior_closes_the_gap():
     # the second form still carries Monte-Carlo noise in E ln Q(y|z); unbiased around exact
     an, se = elbo_analytic(model, y, 2000, g)
     assert torch.all((an - exact).abs() < 4 * se)
+
+
+# --- the IWAE bound as a training objective ------------------------------------------------
+
+
+def test_iwae_objective_with_one_draw_is_the_elbo_loss():
+    model, _, W, b = linear_gaussian(mean_shift=0.3, var_factor=1.6)
+    y = data(W, b, 32)
+    # K = 1: ln w = ln Q(y, z) - ln P_Psi(z|y) on one draw, the ELBO's first form, exactly
+    t = iwae_terms(model, y, 1, generator=torch.Generator().manual_seed(5))
+    mc, _ = elbo_mc(model, y, 1, torch.Generator().manual_seed(5))
+    assert torch.allclose(t["loss"], -mc.mean(), rtol=0, atol=1e-10)
+    assert torch.allclose(t["neg_iwae"], t["loss"].detach())
+    # ... and in expectation the closed-form-KL ELBO loss that elbo_terms trains on
+    runs = torch.stack(
+        [
+            iwae_terms(model, y, 1, generator=torch.Generator().manual_seed(s))["loss"].detach()
+            for s in range(400)
+        ]
+    )
+    ref = elbo_terms(model, y, n_samples=4000, generator=torch.Generator().manual_seed(0))
+    se = runs.std() / math.sqrt(len(runs))
+    assert abs(float(runs.mean() - ref["loss"].detach())) < 4 * float(se) + 1e-3, (runs.mean(), ref)
+    # the reported parts are elbo_terms' (second ELBO form, KL in closed form)
+    assert torch.allclose(t["rate"], model.encode(y).kl().mean())
+    assert torch.allclose(t["neg_elbo"], t["rate"] + t["distortion"])
+    # training_terms dispatches on optim.objective
+    same = training_terms(
+        model, y, objective="iwae", iwae_k=1, generator=torch.Generator().manual_seed(5)
+    )
+    assert torch.equal(same["loss"], t["loss"])
+    with pytest.raises(ValueError, match="objective must be"):
+        training_terms(model, y, objective="vi")
+
+
+def test_iwae_objective_is_between_exact_nll_and_elbo_loss_and_trains_the_encoder():
+    model, _, W, b = linear_gaussian(mean_shift=0.3, var_factor=1.6)
+    y = data(W, b, 128)
+    exact = float(exact_log_evidence(y, W, b).mean())
+    means = {}
+    for k in (1, 5, 50):  # Burda et al. 2015, thm. 1: -ln Q(y) <= E[-L_k] <= E[-L_1]
+        with torch.no_grad():
+            runs = [
+                float(iwae_terms(model, y, k, generator=torch.Generator().manual_seed(s))["loss"])
+                for s in range(16)
+            ]
+        means[k] = sum(runs) / len(runs)
+    assert means[1] > means[5] > means[50] > -exact, (means, -exact)
+    assert means[1] + exact > 0.5 and means[50] + exact < 0.1, (means, -exact)
+    # the exact posterior: every log weight is ln Q(y), so -L_k = -ln Q(y) for any k
+    exact_model, _, _, _ = linear_gaussian()
+    with torch.no_grad():
+        t = iwae_terms(exact_model, y, 7, generator=torch.Generator().manual_seed(0))
+    assert abs(float(t["loss"]) + exact) < 1e-6
+    # gradients reach the encoder through the reparameterized draws
+    model.zero_grad()
+    iwae_terms(model, y, 5, generator=torch.Generator().manual_seed(0))["loss"].backward()
+    assert (
+        float(model.encoder.A.grad.abs().sum()) > 0 and float(model.encoder.lv.grad.abs().sum()) > 0
+    )
+    # kl_weight weighs ln P(z) - ln P_Psi(z|y) inside the weights: 0 leaves the distortion alone
+    with torch.no_grad():
+        t0 = iwae_terms(model, y, 1, kl_weight=0.0, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(t0["loss"], t0["distortion"])
+
+
+@pytest.mark.parametrize(
+    ("optim", "message"),
+    [
+        ({"objective": "iwea"}, r"^optim\.objective: expected one of 'elbo', 'iwae'"),
+        ({"objective": "iwae", "iwae_train_k": 0}, r"^optim\.iwae_train_k: must be >= 1"),
+        ({"iwae_train_k": 5}, r"^optim\.iwae_train_k: only for objective 'iwae'"),
+        ({"objective": "iwae", "free_bits": 0.5}, r"^optim\.free_bits: only for objective 'elbo'"),
+    ],
+)
+def test_objective_config_errors_name_the_key(optim, message):
+    from pipeline.errors import ConfigError
+    from pipeline.train.config import TrainJob
+    from pipeline.typed import build
+
+    job = {"data": {"train_url": "x/train"}, "optim": optim}
+    with pytest.raises(ConfigError, match=message):
+        build(TrainJob, job)
+    ok = build(TrainJob, {**job, "optim": {"objective": "iwae", "iwae_train_k": 5}})
+    assert (ok.optim.objective, ok.optim.iwae_train_k) == ("iwae", 5)
 
 
 # --- objective pieces ---------------------------------------------------------------------

@@ -354,7 +354,7 @@ def test_config_import_is_torch_free_and_public_names_resolve():
     assert out.stdout.strip() == "False"
     import pipeline.model as pm
 
-    assert len(pm.__all__) == 34 and all(getattr(pm, name) is not None for name in pm.__all__)
+    assert len(pm.__all__) == 36 and all(getattr(pm, name) is not None for name in pm.__all__)
 
 
 def test_likelihoods_match_torch_distributions():
