@@ -19,8 +19,10 @@ import errno
 import logging
 import multiprocessing
 import os
+import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import IO, Any, TypeVar
 
@@ -300,10 +302,41 @@ def get_fs(url: str, storage_options: dict | None = None) -> tuple[Any, str]:
         )
     if _protocol(url) in ("s3", "s3a"):
         options = _s3_options(url, options)
+        fs = _remote_fs(_protocol(url), options)
+        return fs, fs._strip_protocol(url)
     try:
         return fsspec.core.url_to_fs(url, **options)
     except (ImportError, ValueError) as e:
         raise StorageError(f"{url}: unsupported URL ({e})") from None
+
+
+# One remote filesystem (and so one S3 client, its connection pool and credential refresher)
+# per process and set of options, created on first use and reused by every later call, from
+# any thread. Keyed by pid (a forked child builds its own rather than share the parent's
+# loop) and by the variables that steer the credential chain (other keys, another client).
+_remote: dict[str, Any] = {}
+_remote_lock = threading.Lock()
+_remote_created: Counter = Counter()
+
+
+def _remote_fs(protocol: str, options: dict) -> Any:
+    chain = [os.environ.get(k) for k in _CHAIN_ENV]
+    token = fsspec.utils.tokenize(os.getpid(), protocol, options, chain)
+    with _remote_lock:
+        fs = _remote.get(token)
+        if fs is None:
+            try:
+                fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+            except (ImportError, ValueError) as e:
+                raise StorageError(f"{protocol}://: unsupported URL ({e})") from None
+            _remote[token] = fs
+            _remote_created[os.getpid()] += 1
+        return fs
+
+
+def filesystems_created() -> int:
+    """Remote (S3) filesystems this process has created: each holds one client, reused."""
+    return _remote_created[os.getpid()]
 
 
 def is_local(url: str) -> bool:

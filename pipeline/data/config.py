@@ -80,9 +80,29 @@ class StreamConfig(Checked):
     retries: Annotated[int, Range(ge=0)] = 5  # per shard read on transient storage errors
     retry_backoff: Annotated[float, Range(ge=0)] = 0.5  # seconds, doubled per retry
     storage_options: dict = field(default_factory=dict)  # non-secret fsspec options only
+    # remote shards fetched ahead of the one being decoded, per loader worker; each open
+    # remote shard buffers at most ~25 MiB, so memory stays bounded whatever the shard size
+    prefetch_shards: Annotated[int, Range(ge=0, le=8)] = 1
+    # a local folder caching remote shards across epochs (LRU, atomic, checked against the
+    # manifest's size and sha256); "": no cache. Shared by the loader workers and ranks of
+    # a node; cache_max_bytes bounds the folder and is required with it
+    cache_dir: str = ""
+    cache_max_bytes: Annotated[int, Range(ge=0)] = 0
+    # JPEGs stored larger than image_size are decoded at a reduced DCT scale (Pillow's
+    # draft) before the resize: measured faster, pixels within a few levels (bench/)
+    jpeg_draft: bool = True
 
     def __post_init__(self):
         super().__post_init__()
+        if self.cache_dir:
+            if "://" in self.cache_dir:
+                raise ConfigError(
+                    "cache_dir", f"must be a local folder path, got {self.cache_dir!r}"
+                )
+            if not self.cache_max_bytes:
+                raise ConfigError("cache_max_bytes", "required (> 0) with cache_dir")
+        elif self.cache_max_bytes:
+            raise ConfigError("cache_max_bytes", "set cache_dir too, or leave it 0")
         if not self.train_url:
             raise ConfigError("train_url", "must be a shard folder URL holding manifest.json")
         check_url(self.train_url, "train_url")

@@ -2,8 +2,10 @@
 
 Members are grouped into samples by webdataset's ``group_by_keys``; the members come from
 :func:`ustar_files`, a strict ustar parser ~8x faster than ``tarfile`` on small images, or,
-for tars using pax/GNU extensions, from webdataset's ``tar_file_iterator``. One shard stays
-open between calls so consecutive blocks of the plan continue where the last stopped.
+for tars using pax/GNU extensions, from webdataset's ``tar_file_iterator``. A shard stays
+open between calls so consecutive blocks of the plan continue where the last stopped, and,
+given the order of shards to come, the next ``prefetch`` are fetched while one is decoded
+(bytes arrive through :mod:`pipeline.data.fetch`, optionally from a local cache).
 A transient storage error (a dropped S3 connection mid-shard) reopens the shard and skips
 back to the same sample index, up to ``retries`` times with doubling backoff. A shard that
 ends early or is structurally broken, or stays unreadable, turns each sample still wanted
@@ -13,104 +15,23 @@ sample being assembled when a tar breaks counts as lost too: it may be missing m
 
 from __future__ import annotations
 
-import io
 import logging
-import queue
 import re
 import tarfile
-import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 
 from webdataset import tariterators
 
 from pipeline import storage
+from pipeline.data.cache import ShardCache
 from pipeline.data.errors import DataError
+from pipeline.data.fetch import ShardFiles
+from pipeline.data.iostats import IOStats
 from pipeline.data.sources import check_member_name
 
 log = logging.getLogger(__name__)
-
-READ_CHUNK = 1 << 20
-READ_AHEAD_CHUNKS = 16  # per open remote shard: 16 MiB in flight
-
-
-class ReadAhead(io.RawIOBase):
-    """Reads a file object in a background thread, so remote I/O overlaps decoding."""
-
-    def __init__(self, f, chunk: int = READ_CHUNK, depth: int = READ_AHEAD_CHUNKS):
-        self.f, self.chunk = f, chunk
-        self.q: queue.Queue = queue.Queue(depth)
-        self.buf, self.stop = memoryview(b""), threading.Event()
-        self.thread = threading.Thread(target=self._fill, daemon=True, name="shard-readahead")
-        self.thread.start()
-
-    def _fill(self) -> None:
-        try:
-            while not self.stop.is_set():
-                data = self.f.read(self.chunk)
-                self._put(data)
-                if not data:
-                    return
-        except BaseException as e:  # handed to the reader, raised there
-            self._put(e)
-
-    def _put(self, item) -> None:
-        while not self.stop.is_set():
-            try:
-                self.q.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        if not self.buf:
-            item = self.q.get()
-            if isinstance(item, BaseException):
-                self._put(item)  # stay failed for later reads
-                raise item
-            if not item:
-                self._put(item)
-                return 0
-            self.buf = memoryview(item)
-        n = min(len(b), len(self.buf))
-        b[:n] = self.buf[:n]
-        self.buf = self.buf[n:]
-        return n
-
-    def close(self) -> None:
-        self.stop.set()
-        while True:  # unblock a pending put so the thread sees ``stop`` at once
-            try:
-                self.q.get_nowait()
-            except queue.Empty:
-                break
-        self.thread.join(timeout=5)
-        self.f.close()
-        super().close()
-
-
-def open_shard(url: str, storage_options: dict | None = None, size: int | None = None):
-    """A readable stream of the shard at ``url`` (remote reads are prefetched).
-
-    ``size`` (from the manifest) saves a HEAD request per remote shard.
-    """
-    if not storage.is_local(url):
-        # "readahead": one ranged GET per ~9 MiB rather than one per read() call
-        extra = {"size": size} if size else {}
-        f = storage.open_url(
-            url,
-            "rb",
-            storage_options,
-            retries=0,
-            block_size=8 << 20,
-            cache_type="readahead",
-            **extra,
-        )
-        return io.BufferedReader(ReadAhead(f), buffer_size=READ_CHUNK)
-    return storage.open_url(url, "rb", storage_options, retries=0)
 
 
 class UnsupportedTar(Exception):
@@ -171,8 +92,26 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.split(' @ ')[0]}"  # webdataset appends " @ <stream>"
 
 
+class _Open:
+    """One open shard: its stream, its sample iterator and the next sample's index."""
+
+    def __init__(self, stream, samples: Iterator[dict]):
+        self.stream, self.samples, self.next = stream, samples, 0
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        except Exception:  # closing a broken stream must not mask the real error
+            pass
+
+
 class ShardReader:
-    """Samples by (shard, index) from a manifest's shards, with retries and bad-item markers."""
+    """Samples by (shard, index) from a manifest's shards, with retries and bad-item markers.
+
+    ``schedule`` (optional) is the order in which :meth:`read` will visit shards (repeats of
+    the same shard in a row merged); with it, the next ``prefetch`` shards of the schedule
+    are fetched while the current one is decoded, and only the current and those stay open.
+    """
 
     def __init__(
         self,
@@ -182,49 +121,94 @@ class ShardReader:
         retries: int = storage.DEFAULT_RETRIES,
         backoff: float = storage.DEFAULT_BACKOFF,
         sizes: list[int] | None = None,
+        sha256: list[str] | None = None,
+        prefetch: int = 0,
+        cache: ShardCache | None = None,
+        schedule: Iterable[int] | None = None,
+        stats: IOStats | None = None,
     ):
-        self.urls, self.counts, self.sizes = urls, counts, sizes
-        self.storage_options, self.retries, self.backoff = storage_options, retries, backoff
-        self._shard, self._stream, self._it, self._next = -1, None, None, 0
+        self.urls, self.counts = urls, counts
+        self.retries, self.backoff = retries, backoff
+        self.stats = stats or (cache.stats if cache is not None else IOStats())
+        if cache is not None:
+            cache.stats = self.stats
+        self.files = ShardFiles(
+            urls, sizes, sha256, storage_options, prefetch, cache, stats=self.stats
+        )
+        self.prefetch = prefetch if schedule is not None else 0
+        self._schedule = iter(schedule or ())
+        self._ahead: deque[int] = deque()
+        self._visiting, self.last_count = -1, 0
+        self._open: dict[int, _Open] = {}
         self._webdataset_only: set[int] = set()  # shards with tar features ustar_files lacks
 
     def close(self) -> None:
-        if self._stream is not None:
-            try:
-                self._stream.close()
-            except Exception:  # closing a broken stream must not mask the real error
-                pass
-        self._shard, self._stream, self._it, self._next = -1, None, None, 0
+        for i in list(self._open):
+            self._close(i)
+        self.files.close()
+        self._visiting = -1
 
-    def _open(self, shard: int) -> None:
-        self.close()
-        size = self.sizes[shard] if self.sizes else None
-        self._stream = open_shard(self.urls[shard], self.storage_options, size)
+    def _close(self, shard: int) -> None:
+        handle = self._open.pop(shard, None)
+        if handle is not None:
+            handle.close()
+
+    def _visit(self, shard: int) -> None:
+        """Start a visit of ``shard``: fetch the next ``prefetch`` of the schedule, and
+        close what the window no longer holds."""
+        self._visiting = shard
+        if not self.prefetch:
+            for i in [i for i in self._open if i != shard]:
+                self._close(i)
+            return
+        if not self._ahead:
+            self._ahead.extend(_take(self._schedule, 1))
+        if self._ahead and self._ahead[0] == shard:
+            self._ahead.popleft()
+        else:  # read() strayed from the schedule: stop prefetching rather than guess
+            log.warning("shard %d read out of the schedule; prefetching stops", shard)
+            self.prefetch, self._ahead = 0, deque()
+        self._ahead.extend(_take(self._schedule, self.prefetch - len(self._ahead)))
+        window = {shard, *self._ahead}
+        for i in [i for i in self._open if i not in window]:
+            self._close(i)
+        self.files.keep(window)
+        for i in self._ahead:
+            if i != shard and i not in self._open:
+                self.files.prefetch(i)
+
+    def _reopen(self, shard: int) -> _Open:
+        self._close(shard)
         fast = shard not in self._webdataset_only
-        self._shard, self._next = shard, 0
-        self._it = tar_samples(self._stream, self.urls[shard], fast)
+        stream = self.files.open(shard)
+        handle = self._open[shard] = _Open(stream, tar_samples(stream, self.urls[shard], fast))
+        return handle
 
     def _next_sample(self, shard: int, target: int) -> dict | None:
         """The sample at ``target``, reading forward; ``None`` if the shard ends first."""
-        if self._shard != shard or self._next > target:
-            self._open(shard)
+        handle = self._open.get(shard)
+        if handle is None or handle.next > target:
+            handle = self._reopen(shard)
         while True:
-            sample = next(self._it, None)
+            sample = next(handle.samples, None)
             if sample is None:
+                self.last_count = handle.next
                 return None
-            index, self._next = self._next, self._next + 1
+            index, handle.next = handle.next, handle.next + 1
             if index == target:
                 return sample
 
     def read(self, shard: int, indices: list[int]) -> Iterator[dict]:
         """Samples at sorted ``indices`` of ``shard``, in order; bad ones as ``{"bad": ...}``."""
         url, i, attempt = self.urls[shard], 0, 0
+        if shard != self._visiting:
+            self._visit(shard)
         while i < len(indices):
             failure = None
             try:
                 sample = self._next_sample(shard, indices[i])
             except Exception as e:
-                self.close()
+                self._close(shard)
                 if isinstance(e, UnsupportedTar):  # reopen with webdataset's parser
                     self._webdataset_only.add(shard)
                     continue
@@ -256,11 +240,12 @@ class ShardReader:
                 if sample is None:
                     failure = (
                         "truncated_shard",
-                        f"ended after {self._next} samples, manifest says {self.counts[shard]}",
+                        f"ended after {self.last_count} samples, "
+                        f"manifest says {self.counts[shard]}",
                     )
             if failure is not None:
                 log.warning("%s: %s; %d wanted samples skipped", url, failure[1], len(indices) - i)
-                self.close()
+                self._close(shard)
                 for _ in indices[i:]:
                     yield {"bad": failure[0], "detail": failure[1], "key": "", "url": url}
                 return
@@ -272,3 +257,13 @@ class ShardReader:
                 yield {"bad": "unsafe_name", "detail": str(e), "key": "", "url": url}
                 continue
             yield sample
+
+
+def _take(it: Iterator[int], n: int) -> list[int]:
+    out = []
+    for _ in range(max(0, n)):
+        nxt = next(it, None)
+        if nxt is None:
+            break
+        out.append(nxt)
+    return out

@@ -36,8 +36,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import storage
 from pipeline.data import WORKER_PRELOAD
+from pipeline.data.cache import ShardCache
 from pipeline.data.config import StreamConfig
 from pipeline.data.errors import BadDataError, DataError
+from pipeline.data.iostats import IOStats
 from pipeline.data.manifest import Manifest, read_manifest
 from pipeline.data.plan import EpochPlan, Split, round_robin
 from pipeline.data.shards import ShardReader
@@ -141,6 +143,7 @@ class ShardStream(IterableDataset):
         self._started = self._restored = False
         self._bad: Counter = Counter()
         self._last_bad: dict = {}
+        self._io: dict[int, dict[str, int]] = {}  # loader worker -> its I/O counters
 
     def set_epoch(self, epoch: int) -> None:
         """Move to the start of ``epoch``.
@@ -185,6 +188,7 @@ class ShardStream(IterableDataset):
             )
         self._layout, self._pass_start = layout, self._batches
         self._started, self._restored = True, False
+        self._io = {}
 
     def __len__(self) -> int:
         """Batches this rank yields in the current epoch (including any already consumed)."""
@@ -276,11 +280,14 @@ class ShardStream(IterableDataset):
             "padded": split.padded,
             "bad_samples": sum(self._bad.values()),
             "bad_reasons": dict(self._bad),
+            "io_by_worker": {w: dict(c) for w, c in sorted(self._io.items())},
         }
 
     def _record(self, batch: dict) -> None:
         """Count one batch handed to the caller; enforce the bad-sample budget."""
         self._batches += 1
+        worker, io = batch.pop("io", (0, {}))
+        self._io[worker] = io
         for bad in batch["skipped"]:
             self._bad[bad["bad"]] += 1
             self._last_bad = bad
@@ -329,10 +336,13 @@ class ShardStream(IterableDataset):
         role = (worker + turn) % split.num_workers  # a resumed pass starts at the next turn
         work = split.work(self.rank, role, taken[role])
         counts = [s.samples for s in self.manifest.shards]
-        plan = EpochPlan(
-            counts, self.config.seed, self.epoch, self.config.shuffle_buffer, self.shuffle
-        )
         c = self.config
+
+        def plan() -> EpochPlan:
+            return EpochPlan(counts, c.seed, self.epoch, c.shuffle_buffer, self.shuffle)
+
+        stats = IOStats()
+        cache = ShardCache(c.cache_dir, c.cache_max_bytes, stats) if c.cache_dir else None
         reader = ShardReader(
             [self.manifest.shard_url(i) for i in range(len(counts))],
             counts,
@@ -340,6 +350,12 @@ class ShardStream(IterableDataset):
             c.retries,
             c.retry_backoff,
             sizes=[s.bytes for s in self.manifest.shards],
+            sha256=[s.sha256 for s in self.manifest.shards],
+            prefetch=c.prefetch_shards,
+            cache=cache,
+            # the same arithmetic on its own plan object: the shards this worker will visit
+            schedule=_visits(self._fetches(plan(), work)),
+            stats=stats,
         )
         stages = [
             stage(
@@ -351,21 +367,27 @@ class ShardStream(IterableDataset):
                 max_pixels=c.max_pixels,
                 seed=c.seed,
                 epoch=self.epoch,
+                draft=c.jpeg_draft,
             ),
             stage(batched, batch_size=self.batch_size),
             stage(fill_bad, shape=(self.channels, *self.image_hw)),
             stage(collate),
         ]
         try:
-            yield from pipeline(self._raw(plan, work, reader), stages)
+            for batch in pipeline(self._raw(plan(), work, reader), stages):
+                # this worker's I/O so far; the main process keeps the latest per worker
+                io = {**stats.snapshot(), "filesystems": storage.filesystems_created()}
+                batch["io"] = (worker, io)
+                yield batch
         finally:
             reader.close()
 
     @staticmethod
-    def _raw(
-        plan: EpochPlan, work: list[tuple[int, int, bool]], reader: ShardReader
-    ) -> Iterator[dict]:
-        """Raw samples of plan ranges, in plan order, one per position (bad ones marked)."""
+    def _fetches(
+        plan: EpochPlan, work: list[tuple[int, int, bool]]
+    ) -> Iterator[tuple[int, int, bool, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """Per step of whole shuffle blocks: ``(lo, hi, pad, q, sorted_q, shards, indices)``,
+        plan ``[lo, hi)`` as stream positions ``q`` and their sorted (shard, index)."""
         step = plan.block * max(1, _CHUNK // plan.block)  # whole shuffle blocks per fetch
         for a, b, pad in work:
             lo = a
@@ -374,22 +396,45 @@ class ShardStream(IterableDataset):
                 q = plan.stream_positions(lo, hi)
                 sorted_q = np.sort(q)
                 shards, indices = plan.locate(sorted_q)
-                fetched: dict[int, dict] = {}
-                start = 0
-                for end in [*np.flatnonzero(np.diff(shards)) + 1, len(shards)]:
-                    wanted = indices[start:end].tolist()
-                    for qi, sample in zip(
-                        sorted_q[start:end].tolist(), reader.read(int(shards[start]), wanted)
-                    ):
-                        fetched[qi] = sample
-                    start = end
-                for pos, qi in zip(range(lo, hi), q.tolist()):
-                    sample = fetched[qi]
-                    if "bad" in sample:
-                        yield {**sample, "pad": pad}
-                    else:
-                        yield {**sample, "__pos__": pos, "__pad__": pad}
+                yield lo, hi, pad, q, sorted_q, shards, indices
                 lo = hi
+
+    @classmethod
+    def _raw(
+        cls, plan: EpochPlan, work: list[tuple[int, int, bool]], reader: ShardReader
+    ) -> Iterator[dict]:
+        """Raw samples of plan ranges, in plan order, one per position (bad ones marked)."""
+        for lo, hi, pad, q, sorted_q, shards, indices in cls._fetches(plan, work):
+            fetched: dict[int, dict] = {}
+            for start, end in _runs(shards):
+                wanted = indices[start:end].tolist()
+                for qi, sample in zip(
+                    sorted_q[start:end].tolist(), reader.read(int(shards[start]), wanted)
+                ):
+                    fetched[qi] = sample
+            for pos, qi in zip(range(lo, hi), q.tolist()):
+                sample = fetched[qi]
+                if "bad" in sample:
+                    yield {**sample, "pad": pad}
+                else:
+                    yield {**sample, "__pos__": pos, "__pad__": pad}
+
+
+def _runs(shards: np.ndarray) -> list[tuple[int, int]]:
+    """``[start, end)`` of each run of equal values in ``shards``."""
+    cuts = [0, *(np.flatnonzero(np.diff(shards)) + 1).tolist(), len(shards)]
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def _visits(fetches) -> Iterator[int]:
+    """The shards :meth:`ShardStream._raw` reads, in order, repeats in a row merged."""
+    last = -1
+    for *_, shards, _indices in fetches:
+        for start, _ in _runs(shards):
+            shard = int(shards[start])
+            if shard != last:
+                yield shard
+                last = shard
 
 
 class StreamLoader:

@@ -50,13 +50,20 @@ def decode_image(
     crop: str,
     max_pixels: int,
     rng: np.random.Generator | None = None,
+    draft: bool = False,
 ) -> np.ndarray:
     """Image bytes -> uint8 array ``(C, H, W)`` with ``(H, W) == size``.
+
+    ``draft``: a JPEG at least twice the resized size is decoded at a reduced DCT scale
+    (1/2, 1/4 or 1/8; Pillow's ``Image.draft``) and resized from there: faster, pixels
+    within a few levels of the full decode (``tests/data/test_draft.py``).
 
     Raises:
         BadSample: ``decode_error``, ``too_many_pixels`` (checked from the header, before
             decompression), ``wrong_mode`` or ``wrong_size`` (when not resizing).
     """
+    height, width = size
+    box = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -66,6 +73,11 @@ def decode_image(
                 raise BadSample("too_many_pixels", f"{w}x{h} > max_pixels={max_pixels}")
             if image.mode not in CONVERTIBLE_MODES:
                 raise BadSample("wrong_mode", image.mode)
+            if draft and resize and image.format == "JPEG":
+                nw, nh = _scaled_size(w, h, width, height, crop)
+                if w // nw >= 2 and h // nh >= 2:
+                    # (0, 0, w / s, h / s): the source frame in the 1/s-scale pixels
+                    box = image.draft(None, (nw, nh))[1]
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadSample("too_many_pixels", str(e)) from None
@@ -73,11 +85,10 @@ def decode_image(
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
         raise BadSample("decode_error", f"{type(e).__name__}: {e}") from None
-    height, width = size
-    if image.size != (width, height):
+    if (w, h) != (width, height):
         if not resize:
             raise BadSample("wrong_size", f"{w}x{h}, expected {width}x{height}")
-        image = _resize(image, width, height, crop, rng)
+        image = _resize(image, (w, h), width, height, crop, rng, box)
     target = "L" if channels == 1 else "RGB"
     if image.mode != target:
         image = image.convert(target)
@@ -85,15 +96,28 @@ def decode_image(
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 
-def _resize(
-    image: Image.Image, width: int, height: int, crop: str, rng: np.random.Generator | None
-) -> Image.Image:
+def _scaled_size(w: int, h: int, width: int, height: int, crop: str) -> tuple[int, int]:
+    """The size a ``w x h`` image is resized to before a crop to ``width x height``."""
     if crop == "none":
-        return image.resize((width, height), Image.Resampling.BILINEAR)
-    w, h = image.size
+        return width, height
     scale = max(width / w, height / h)
-    nw, nh = max(width, round(w * scale)), max(height, round(h * scale))
-    image = image.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return max(width, round(w * scale)), max(height, round(h * scale))
+
+
+def _resize(
+    image: Image.Image,
+    source: tuple[int, int],
+    width: int,
+    height: int,
+    crop: str,
+    rng: np.random.Generator | None,
+    box: tuple[float, float, float, float] | None = None,
+) -> Image.Image:
+    """Resize (from ``box`` of a drafted image) and crop; geometry from the ``source`` size."""
+    nw, nh = _scaled_size(*source, width, height, crop)
+    if crop == "none":
+        return image.resize((width, height), Image.Resampling.BILINEAR, box=box)
+    image = image.resize((nw, nh), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
     if crop == "random" and rng is not None:
         left, top = int(rng.integers(nw - width + 1)), int(rng.integers(nh - height + 1))
     else:
@@ -111,6 +135,7 @@ def decode(
     max_pixels: int,
     seed: int = 0,
     epoch: int = 0,
+    draft: bool = False,
 ) -> Iterator[dict]:
     """Raw samples ``{__key__, __url__, png|jpg, cls, __pos__, __pad__}`` -> decoded items.
 
@@ -130,7 +155,7 @@ def decode(
             rng = None
             if crop == "random":  # by (seed, epoch, plan position): replayable on resume
                 rng = np.random.default_rng([seed % 2**63, epoch, item.get("__pos__", 0)])
-            image = decode_image(item[suffix], size, channels, resize, crop, max_pixels, rng)
+            image = decode_image(item[suffix], size, channels, resize, crop, max_pixels, rng, draft)
             label = -1
             if "cls" in item:
                 try:

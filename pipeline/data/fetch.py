@@ -1,0 +1,240 @@
+"""How a loader worker gets a shard's bytes: local files, remote streams read ahead in a
+thread, remote shards opened ``prefetch`` shards ahead of the one being decoded, and the
+optional local cache (:mod:`pipeline.data.cache`).
+
+Memory is bounded per loader worker: an open remote stream buffers at most
+``READ_AHEAD_CHUNKS + 1`` chunks of ``READ_CHUNK`` bytes (17 MiB) plus one fsspec block
+(8 MiB), and at most ``1 + prefetch`` remote streams are open, so with ``prefetch_shards: 1``
+a worker holds at most ~50 MiB of shard bytes whatever the shard size. Cached downloads go
+to disk in ``COPY_CHUNK`` pieces, at most ``prefetch`` of them in the background.
+
+Every remote shard of a worker goes through one filesystem, so one S3 client
+(:func:`pipeline.storage.filesystems_created` counts them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from pipeline import storage
+from pipeline.data.cache import CacheRejected, ShardCache
+from pipeline.data.iostats import IOStats
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ReadAhead", "ShardFiles", "open_shard", "READ_CHUNK", "READ_AHEAD_CHUNKS"]
+
+READ_CHUNK = 1 << 20
+READ_AHEAD_CHUNKS = 16  # per open remote shard: 16 MiB queued, one more chunk being put
+
+
+class ReadAhead(io.RawIOBase):
+    """Reads a file object in a background thread, so remote I/O overlaps decoding.
+
+    At most ``depth`` chunks wait in the queue and one more in the thread's hand: the bytes
+    in flight never exceed ``(depth + 1) * chunk``. ``stats`` counts ``remote_bytes`` and
+    ``remote_reads`` (chunks read).
+    """
+
+    def __init__(
+        self,
+        f,
+        chunk: int = READ_CHUNK,
+        depth: int = READ_AHEAD_CHUNKS,
+        stats: IOStats | None = None,
+    ):
+        self.f, self.chunk, self.stats = f, chunk, stats or IOStats()
+        self.q: queue.Queue = queue.Queue(depth)
+        self.buf, self.stop = memoryview(b""), threading.Event()
+        self.thread = threading.Thread(target=self._fill, daemon=True, name="shard-readahead")
+        self.thread.start()
+
+    def _fill(self) -> None:
+        try:
+            while not self.stop.is_set():
+                data = self.f.read(self.chunk)
+                self.stats.add("remote_reads")
+                self.stats.add("remote_bytes", len(data))
+                self._put(data)
+                if not data:
+                    return
+        except BaseException as e:  # handed to the reader, raised there
+            self._put(e)
+
+    def _put(self, item) -> None:
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if not self.buf:
+            item = self.q.get()
+            if isinstance(item, BaseException):
+                self._put(item)  # stay failed for later reads
+                raise item
+            if not item:
+                self._put(item)
+                return 0
+            self.buf = memoryview(item)
+        n = min(len(b), len(self.buf))
+        b[:n] = self.buf[:n]
+        self.buf = self.buf[n:]
+        return n
+
+    def close(self) -> None:
+        self.stop.set()
+        while True:  # unblock a pending put so the thread sees ``stop`` at once
+            try:
+                self.q.get_nowait()
+            except queue.Empty:
+                break
+        self.thread.join(timeout=5)
+        self.f.close()
+        super().close()
+
+
+def open_shard(
+    url: str,
+    storage_options: dict | None = None,
+    size: int | None = None,
+    stats: IOStats | None = None,
+):
+    """A readable stream of the shard at ``url`` (remote reads are prefetched).
+
+    ``size`` (from the manifest) saves a HEAD request per remote shard.
+    """
+    if not storage.is_local(url):
+        # "readahead": one ranged GET per ~9 MiB rather than one per read() call
+        extra = {"size": size} if size else {}
+        f = storage.open_url(
+            url,
+            "rb",
+            storage_options,
+            retries=0,
+            block_size=8 << 20,
+            cache_type="readahead",
+            **extra,
+        )
+        return io.BufferedReader(ReadAhead(f, stats=stats), buffer_size=READ_CHUNK)
+    return storage.open_url(url, "rb", storage_options, retries=0)
+
+
+class ShardFiles:
+    """Opens a manifest's shards by index; remote ones can be fetched ahead of use.
+
+    ``prefetch(i)`` starts fetching shard ``i`` (without a cache: opens its stream, whose
+    read-ahead thread starts the GETs; with one: a background download into the cache);
+    ``open(i)`` returns a readable stream, taking what ``prefetch`` started; ``keep(ids)``
+    drops prefetched shards outside ``ids``. Local shards are opened directly.
+
+    Counters in ``stats``: ``opened`` (remote streams and downloads started), ``prefetched``
+    (those started ahead of use), ``max_open`` (remote streams open at once), plus those of
+    :class:`ReadAhead` and :class:`~pipeline.data.cache.ShardCache`.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        sizes: list[int] | None,
+        sha256: list[str] | None,
+        storage_options: dict | None,
+        prefetch: int = 0,
+        cache: ShardCache | None = None,
+        stats: IOStats | None = None,
+    ):
+        self.urls, self.storage_options = urls, storage_options
+        self.sizes = sizes or [0] * len(urls)
+        self.sha256 = sha256 or [""] * len(urls)
+        self.prefetch_depth, self.cache = prefetch, cache
+        self.stats = stats or IOStats()
+        self._parked: dict[int, io.BufferedReader] = {}  # streams opened ahead of use
+        self._pending: dict[int, Future] = {}  # cache downloads in flight
+        self._pool: ThreadPoolExecutor | None = None
+        self._streams: set = set()  # every remote stream open now (for max_open)
+
+    def _cached(self, i: int) -> bool:
+        return self.cache is not None and 0 < self.sizes[i] and not storage.is_local(self.urls[i])
+
+    def _stream(self, i: int):
+        f = open_shard(self.urls[i], self.storage_options, self.sizes[i] or None, self.stats)
+        if not storage.is_local(self.urls[i]):
+            self.stats.add("opened")
+            self._streams.add(f)
+            self._streams = {s for s in self._streams if not s.closed}
+            self.stats.peak("max_open", len(self._streams))
+        return f
+
+    def prefetch(self, i: int) -> None:
+        if storage.is_local(self.urls[i]) or i in self._parked or i in self._pending:
+            return
+        if self._cached(i):
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    max(1, self.prefetch_depth), thread_name_prefix="shard-prefetch"
+                )
+            self._pending[i] = self._pool.submit(self._from_cache, i)
+        else:
+            self._parked[i] = self._stream(i)
+        self.stats.add("prefetched")
+
+    def open(self, i: int):
+        """Shard ``i`` as a readable binary stream; the caller closes it."""
+        if i in self._parked:
+            return self._parked.pop(i)
+        if i in self._pending:
+            f = self._pending.pop(i).result()  # raises what the download raised
+        elif self._cached(i):
+            f = self._from_cache(i)
+        else:
+            return self._stream(i)
+        if f is None:  # did not fit in the cache, or did not match the manifest
+            return self._stream(i)
+        return f
+
+    def _from_cache(self, i: int):
+        """The cached copy of shard ``i``, downloading it on a miss; None: stream it."""
+        assert self.cache is not None
+        url, size, sha = self.urls[i], self.sizes[i], self.sha256[i]
+        f = self.cache.lookup(url, size, sha)
+        if f is not None:
+            return f
+        try:
+            return self.cache.fill(url, size, sha, self.storage_options)
+        except CacheRejected as e:
+            log.warning("%s; reading it uncached", e)
+            return None
+
+    def keep(self, ids: set[int]) -> None:
+        """Close what was fetched ahead for shards not in ``ids``."""
+        for i in [i for i in self._parked if i not in ids]:
+            self._parked.pop(i).close()
+        for i in [i for i in self._pending if i not in ids]:
+            self._pending.pop(i).add_done_callback(_close_result)
+
+    def close(self) -> None:
+        self.keep(set())
+        if self.cache is not None:
+            self.cache.stop.set()  # downloads in progress give up at their next chunk
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self.cache is not None:
+            self.cache.stop.clear()
+
+
+def _close_result(future: Future) -> None:
+    with contextlib.suppress(BaseException):
+        f = future.result()
+        if f is not None:
+            f.close()
