@@ -1,20 +1,33 @@
 """1. Data path, images/s: in-memory decode (per-core limit), local shards, S3 shards, a plain
-folder ``Dataset``; each at DataLoader workers 0, 1, 2.
+folder ``Dataset``; each at DataLoader workers 0, 1, 2. Also the JPEG draft decode
+(``data.jpeg_draft``): full decode + resize vs reduced-DCT decode + resize, one core.
 
 Reuses the measurement functions of :mod:`pipeline.data.bench` (steady rate after the first
 batch; the first-batch time reported apart) and extends it to JPEG and Fashion-MNIST.
+
+    python -m bench.data_path draft [--count 256] [--repeats 7]   # the draft section alone
 """
 
 from __future__ import annotations
 
+import argparse
 import io
+import json
+import time
 from pathlib import Path
+
+import numpy as np
 
 from bench.common import Settings, median, ratio, rnd
 from pipeline.data.bench import folder_run, memory_run, stream_run, timed_epoch
 from pipeline.data.config import IngestConfig
 from pipeline.data.ingest import ingest
 from pipeline.data.shards import tar_samples
+from pipeline.data.sources import synthetic_image
+from pipeline.data.transforms import decode_image
+
+# (stored size, mode, training size): the cases draft decode is for (stored above training)
+DRAFT_CASES = [(256, "RGB", 64), (256, "RGB", 128), (512, "RGB", 64), (256, "L", 28)]
 
 DATASETS = {
     # name: (ingest options, image size, channels, extension)
@@ -128,4 +141,69 @@ def run(settings: Settings, root: Path, s3_url: str, log=print) -> dict:
         data = prepare(name, count, root, s3_url)
         out[name] = measure(data, settings)
         log(f"data {name}: {out[name]['images_per_second']}")
+    out["draft_decode"] = measure_draft(repeats=max(3, settings.repeats))
+    log(
+        f"data draft decode: { {k: v['ratio_draft_vs_full'] for k, v in out['draft_decode'].items()} }"
+    )
     return out
+
+
+def measure_draft(count: int = 256, repeats: int = 7) -> dict:
+    """img/s of ``decode_image`` (center crop, one core) without and with ``draft`` on
+    ``count`` structured synthetic JPEGs (quality 90) per case; ``repeats`` interleaved
+    passes, median and every pass reported, and the per-pass ratios' min/median/max."""
+    out = {}
+    for stored, mode, size in DRAFT_CASES:
+        channels = 1 if mode == "L" else 3
+        images = []
+        for i in range(count):
+            image, _ = synthetic_image(i, stored, mode, seed=0)
+            buf = io.BytesIO()
+            image.save(buf, "JPEG", quality=90)
+            images.append(buf.getvalue())
+        rates: dict[str, list[float]] = {"full": [], "draft": []}
+        diffs = [
+            np.abs(
+                decode_image(d, (size, size), channels, True, "center", 2**26, draft=True).astype(
+                    int
+                )
+                - decode_image(d, (size, size), channels, True, "center", 2**26).astype(int)
+            ).mean()
+            for d in images
+        ]
+        for _ in range(repeats):  # interleaved: a noisy moment hits both alike
+            for name, draft in (("full", False), ("draft", True)):
+                t0 = time.perf_counter()
+                for d in images:
+                    decode_image(d, (size, size), channels, True, "center", 2**26, draft=draft)
+                rates[name].append(count / (time.perf_counter() - t0))
+        per_pass = sorted(d / f for d, f in zip(rates["draft"], rates["full"]))
+        out[f"{stored}_{mode}_to_{size}"] = {
+            "images": count,
+            "repeats": repeats,
+            "image_bytes": round(sum(map(len, images)) / count),
+            "images_per_second": {k: rnd(median(v)) for k, v in rates.items()},
+            "all_repeats": {k: [rnd(r) for r in v] for k, v in rates.items()},
+            "ratio_draft_vs_full": ratio(median(rates["draft"]), median(rates["full"])),
+            "ratio_per_pass_min_median_max": [
+                round(per_pass[0], 2),
+                round(median(per_pass), 2),
+                round(per_pass[-1], 2),
+            ],
+            "mean_abs_diff_levels": round(float(np.mean(diffs)), 3),
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.data_path")
+    parser.add_argument("section", choices=["draft"])
+    parser.add_argument("--count", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args(argv)
+    print(json.dumps(measure_draft(args.count, args.repeats), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
