@@ -26,12 +26,17 @@ class ScalingConfig(Checked):
     storage_path: str = ".data/ray_results"
     name: str = "vae"
     max_failures: Annotated[int, Range(ge=-1, note="-1: unlimited")] = 2
-    controller_failure_limit: Annotated[int, Range(ge=-1, note="-1: unlimited")] = (
-        3  # e.g. a node that never returns: fail, don't hang
-    )
+    # Placing the worker group (a new attempt, after a failure) waits this many seconds for
+    # its resources; each time out is a controller failure, and past
+    # ``controller_failure_limit`` of them the run fails: a node that never returns ends the
+    # run after about (controller_failure_limit + 1) x worker_start_timeout_s, never a hang.
+    controller_failure_limit: Annotated[int, Range(ge=-1, note="-1: unlimited")] = 3
+    worker_start_timeout_s: Annotated[int, Range(ge=1)] = 60
     num_to_keep: Annotated[int, Range(ge=1)] = 2
-    # A rank that does not reach a collective (all-reduce, gather) within this many seconds
-    # ends the attempt (NCCL/gloo timeout), and Ray restarts it from the last checkpoint.
+    # A rank that does not reach a collective (all-reduce, gather, Ray Train's barrier in
+    # ``report``) within this many seconds, or whose process stops answering Ray Train's
+    # health check that long (SIGSTOPped, hung), ends the attempt, and Ray restarts it from
+    # the last checkpoint.
     collective_timeout_s: Annotated[int, Range(ge=1)] = 600
 
     def __post_init__(self):

@@ -6,6 +6,7 @@ restores the latest checkpoint, and the driver finds the unfinished MLflow run b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -30,6 +31,7 @@ from pipeline.typed import to_dict
 __all__ = [
     "TrainResult",
     "ray_address",
+    "ray_train_env",
     "register_model",
     "run_training",
     "storage_path",
@@ -63,6 +65,39 @@ def torch_config(job: TrainJob):
 
     s = job.scaling
     return TorchConfig(backend="nccl" if s.use_gpu else "gloo", timeout_s=s.collective_timeout_s)
+
+
+def ray_train_env(job: TrainJob) -> dict[str, str]:
+    """Ray Train's own timeouts, from the config. Ray reads them from the driver's
+    environment when the run starts and hands them to its controller and workers.
+
+    ``RAY_TRAIN_COLLECTIVE_TIMEOUT_S``: Ray Train's barrier in ``ray.train.report`` (no
+    timeout by default) gives up after ``scaling.collective_timeout_s``, as gloo/NCCL do.
+    ``RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S``: a worker process that stops answering the
+    controller's poll (SIGSTOPped, hung) is dead after the same time (Ray: 10 min), wherever
+    the other ranks wait. ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``: placing a worker group
+    waits ``scaling.worker_start_timeout_s`` for resources (a controller failure)."""
+    s = job.scaling
+    return {
+        "RAY_TRAIN_COLLECTIVE_TIMEOUT_S": str(s.collective_timeout_s),
+        "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": str(s.collective_timeout_s),
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(s.worker_start_timeout_s),
+    }
+
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str]):
+    """``os.environ`` updated with ``env`` inside the block, restored after it."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def worker_env(job: TrainJob, env_vars: dict[str, str] | None) -> dict[str, str]:
@@ -179,12 +214,13 @@ def run_training(
         torch_config=torch_config(job),
     )
     try:
-        result = trainer.fit()
+        with _environ(ray_train_env(job)):
+            result = trainer.fit()
     except Exception as e:
         _terminate(spec, run_id, "FAILED")
         if owns_ray:  # stop streaming worker logs, so the error is the last line printed
             ray.shutdown()
-        raise PipelineError(f"training run {s.name!r} failed: {_root_cause(e)}") from e
+        raise PipelineError(f"training run {s.name!r} failed: {_failure(job, e)}") from e
     if result.checkpoint is None:
         raise PipelineError(f"training run {s.name!r} produced no checkpoint")
     from pipeline.train import checkpoint
@@ -220,6 +256,24 @@ def run_training(
         flush=True,
     )
     return TrainResult(run_id, ckpt_url, dict(result.metrics or {}), version, uri)
+
+
+def _failure(job: TrainJob, e: BaseException) -> str:
+    """One line saying why the run failed: a worker group that could not be placed (a node
+    lost and not replaced) names the resources, the bound and the settings behind it."""
+    cause = getattr(e, "controller_failure", None)
+    if type(cause).__name__ == "WorkerGroupStartupTimeoutError":
+        s = job.scaling
+        per_worker = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+        tries = s.controller_failure_limit + 1
+        return (
+            f"the cluster could not place {s.num_workers} workers ({per_worker} each) within "
+            f"{s.worker_start_timeout_s}s, {tries} times in a row (scaling.worker_start_timeout_s"
+            f"={s.worker_start_timeout_s}, scaling.controller_failure_limit="
+            f"{s.controller_failure_limit}): a node was lost and not replaced, or the cluster "
+            f"is too small"
+        )
+    return _root_cause(e)
 
 
 def _root_cause(e: BaseException) -> str:

@@ -9,7 +9,9 @@ The fault tests set these on the cluster (``runtime_env.env_vars`` or the head's
                                 file that records it did, PIPELINE_FAULT_KILL_DELAY the seconds
                                 of "work" before the kill (default 5: Ray Train polls a
                                 worker every 2 s, and a checkpoint reported but not yet
-                                polled is not the one a restart gets)
+                                polled is not the one a restart gets); PIPELINE_FAULT_KILL_AT
+                                "report" moves the kill from mid-step to the step's report
+                                (after its gather, before ``ray.train.report``)
     PIPELINE_RECORD_KEYS_DIR    a folder where every rank appends "epoch step key" per sample
                                 (rank<r>.txt), a line per start of its loop (attempts-rank<r>.txt:
                                 how many attempts the run took) and the sha256 of its final
@@ -27,7 +29,14 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["corrupt_loss", "record_attempt", "record_keys", "record_weights", "weights_sha256"]
+__all__ = [
+    "corrupt_loss",
+    "kill_point",
+    "record_attempt",
+    "record_keys",
+    "record_weights",
+    "weights_sha256",
+]
 
 
 def corrupt_loss(step: int, rank: int, loss: torch.Tensor) -> torch.Tensor:
@@ -36,14 +45,22 @@ def corrupt_loss(step: int, rank: int, loss: torch.Tensor) -> torch.Tensor:
     if str(step) in os.environ.get("PIPELINE_FAULT_NAN_STEP", "").split(","):
         if not nan_rank or int(nan_rank) == rank:
             loss = loss * float("nan")
+    kill_point("step", step, rank)
+    return loss
+
+
+def kill_point(where: str, step: int, rank: int) -> None:
+    """The kill hook at 1-based ``step``: ``where`` is "step" (mid-step, the default point)
+    or "report" (the step's report); it fires where PIPELINE_FAULT_KILL_AT says."""
     kill = os.environ.get("PIPELINE_FAULT_KILL_STEP")
     marker = os.environ.get("PIPELINE_FAULT_MARKER", "")
+    if where != os.environ.get("PIPELINE_FAULT_KILL_AT", "step"):
+        return
     if kill == str(step) and rank == int(os.environ.get("PIPELINE_FAULT_KILL_RANK", "1")):
         if marker and not Path(marker).exists():
             Path(marker).write_text(str(os.getpid()))
-            time.sleep(float(os.environ.get("PIPELINE_FAULT_KILL_DELAY", "5")))  # mid-step work
+            time.sleep(float(os.environ.get("PIPELINE_FAULT_KILL_DELAY", "5")))  # the work
             os.kill(os.getpid(), signal.SIGKILL)
-    return loss
 
 
 def record_keys(rank: int, epoch: int, step: int, keys: Iterable[str]) -> None:

@@ -242,6 +242,7 @@ class RunState:
         t0 = time.perf_counter()
         report = {"step": self.step, "epoch": self.epoch, **extra}
         counts = gather({"run": dict(self.bad.own), "epoch": self.stream.bad_counts()}, self.world)
+        faults.kill_point("report", self.step, self.rank)
         if tracker is None:
             ray.train.report(report, checkpoint=None)
             return
