@@ -38,13 +38,21 @@ class Settings:
     sample_count: int = 8192
     sample_batch: int = 512
     sample_repeats: int = 3
-    # 5. quality
-    quality_cpu_seconds: float = 60.0  # CPU budget per variant (1 thread)
+    # 5. quality (issue 17's protocol; bench.quality)
+    quality_cpu_seconds: float = 60.0  # training CPU budget per variant (1 thread), selection incl.
     quality_test_images: int = 0  # 0: the whole 10k test split
     iwae_k: int = 5000
-    iwae_images: int = 16  # 80k decoder passes: minutes here (all 10k images would be days)
+    iwae_images: int = 2000  # conv IWAE-k images (first N of the test split; the MLP: all)
     bpd_iwae_k: int = 100
-    bpd_iwae_images: int = 200
+    bpd_iwae_images: int = 2000
+    val_size: int = 5000  # validation split cut from the 60k training images
+    val_seed: int = 17
+    select_k: int = 32  # IWAE-k on validation, the binarized variants' selection score
+    select_images: int = 1000  # validation images scored per candidate / checkpoint
+    select_fraction: float = 0.25  # of the CPU budget spent on candidate trials
+    checkpoints: int = 8  # validation checks of the final run; the best one is kept
+    eval_workers: int = 0  # test-evaluation processes after training (0: one per core)
+    iwae_shard: int = 250  # test images per evaluation job
 
     @classmethod
     def full(cls) -> Settings:
@@ -70,6 +78,31 @@ class Settings:
             iwae_images=8,
             bpd_iwae_k=20,
             bpd_iwae_images=50,
+            select_k=4,
+            select_images=64,
+            checkpoints=2,
+            iwae_shard=8,
+        )
+
+    @classmethod
+    def quality_smoke(cls) -> Settings:
+        """``bench.run --quality-smoke``: the whole bench-quality path in a couple of minutes
+        (8 CPU-s a variant; every protocol field written; the numbers mean nothing)."""
+        return cls(
+            mode="quality-smoke",
+            repeats=1,
+            data_count_28=0,
+            data_count_256=0,
+            quality_cpu_seconds=8.0,
+            quality_test_images=500,
+            iwae_k=20,
+            iwae_images=16,
+            bpd_iwae_k=5,
+            bpd_iwae_images=16,
+            select_k=4,
+            select_images=64,
+            checkpoints=2,
+            iwae_shard=8,
         )
 
 

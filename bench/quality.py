@@ -1,238 +1,306 @@
-"""5. Quality after a fixed CPU budget: five variants trained on Fashion-MNIST for the same
-CPU seconds each (one torch thread, one process per variant, run side by side), then
-evaluated on the test split.
+"""5. Quality under issue 17's protocol: ``make bench-quality``.
 
-* ``bernoulli_mlp``: the published baseline's architecture (784-300-300-40 MLP, preset
-  ``mnist28_mlp``), dynamically binarized training; test NLL in nats by IWAE-k on the whole
-  stochastically binarized test split (``pipeline.model.quality``): the number to hold against
-  the literature's 228.7 nats.
-* ``bernoulli``: the pipeline's conv VAE (preset ``mnist28``), same data; IWAE-k on a stated
-  subset (a conv decoder pass costs ~50x an MLP's here), the MLP is scored on the same subset.
-* ``discretized_logistic``: 8-bit bits/dim (ELBO on the whole test split; IWAE-k on a subset).
-* ``laplace`` (L1) and ``gaussian`` (L2), fixed sigma: rate and distortion on the test split.
+1. Side by side: every variant (``bench.quality_train.VARIANTS``) starts in its own process
+   at once, one torch thread each, and trains until its own process has spent the same CPU
+   budget. Each process reads the Fashion-MNIST training split only, cuts the seeded
+   validation split from it and makes every choice (candidate configuration, checkpoint) on
+   validation numbers (``bench.quality_train``).
+2. Test, once per reported number: when all training is done, the chosen models are scored on
+   the test split by evaluation jobs over slices of it, one torch thread each, ``eval_workers``
+   at a time. Bernoulli models see one fixed binarization of the whole test split
+   (``binarize_fixed``; its sha256 is written). Reported: the MLP's IWAE-k NLL on every test
+   image; the conv model's on the first ``iwae_images`` with the MLP's on the same images;
+   the full-split ELBO of every variant; the 8-bit variant's ELBO bits/dim on the full split
+   and IWAE bits/dim on the first ``bpd_iwae_images``.
 
-The learning rate warms up for 100 steps, then follows a cosine over the CPU budget.
-
-Only training counts against the budget (``time.process_time`` of the variant's process);
-evaluation is extra and timed separately.
+The run metadata (validation split, binarization sha256, processes side by side and how long
+they overlapped, CPU seconds and steps per variant, load average, machine, command, git commit)
+is written by this code at run time under ``protocol``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing
+import os
+import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import torch
 
-from bench.common import Settings, rnd
+from bench.common import Settings, machine, rnd
+from bench.quality_train import VARIANTS, CountingSource, select_and_train, training_splits
+from pipeline.model.quality import TEST_BINARIZATION_SEED
 
-VARIANTS = {  # name -> (model preset, likelihood)
-    "bernoulli_mlp": ("mnist28_mlp", "bernoulli"),
-    "bernoulli": ("mnist28", "bernoulli"),
-    "discretized_logistic": ("mnist28", "discretized_logistic"),
-    "laplace": ("mnist28", "laplace"),
-    "gaussian": ("mnist28", "gaussian"),
-}
 LN2 = 0.6931471805599453
-LR = 2e-3
-CURVE_POINTS = 400  # points of the training curve: means over 1/400 of the CPU budget
+EVAL_BATCH = 8  # test images per evaluate() batch; with chunk 128: 1,024 decodes per call
 
 
-def _batches(x: torch.Tensor, size: int) -> list[torch.Tensor]:
-    return [x[i : i + size] for i in range(0, len(x), size)]
+def _options(settings: Settings) -> dict:
+    return {
+        "seed": 0,
+        "val_size": settings.val_size,
+        "val_seed": settings.val_seed,
+        "select_k": settings.select_k,
+        "select_images": settings.select_images,
+        "select_fraction": settings.select_fraction,
+        "checkpoints": settings.checkpoints,
+    }
 
 
-def train_variant(name: str, cpu_seconds: float, batch: int, eval_options: dict) -> dict:
-    """Train one variant for ``cpu_seconds`` of this process's CPU time, then evaluate it."""
-    from bench.loops import fmnist_images
-    from pipeline.model import VAE, elbo_terms, evaluate, preset
-    from pipeline.model.quality import (
-        binarize,
-        bits_per_dim_8bit,
-        fashion_mnist_nll,
-        quantize_8bit,
-    )
+def train_variant(name: str, budget_s: float, opts: dict, save_dir: str) -> dict:
+    """Process entry of one variant: validation split, selection, training; weights saved.
+
+    Reads the training split only; ``splits_read`` in the result is the audit.
+    """
+    from dataclasses import asdict
+
+    from pipeline.model import save_weights
+
+    started = time.time()
+    torch.set_num_threads(1)
+    source = CountingSource()
+    splits, split_meta = training_splits(source, opts["val_size"], opts["val_seed"])
+    vae, record = select_and_train(name, splits["train"], splits["val"], budget_s, opts)
+    path = Path(save_dir, f"{name}.safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(save_weights(vae, metadata={"model_config": json.dumps(asdict(vae.config))}))
+    return {
+        **record,
+        "validation_split": split_meta,
+        "splits_read": dict(source.reads),
+        "process": {"pid": os.getpid(), "started": started, "finished": time.time()},
+        "weights": str(path),
+    }
+
+
+def test_jobs(variants: dict, settings: Settings) -> list[dict]:
+    """The test-split evaluation jobs: (variant, number, image slice, k), largest first."""
+    n_test = settings.quality_test_images or 10_000
+    shard = settings.iwae_shard
+    conv_n = min(settings.iwae_images, n_test)
+
+    def slices(lo: int, hi: int) -> list[tuple[int, int]]:
+        return [(a, min(a + shard, hi)) for a in range(lo, hi, shard)]
+
+    jobs = []
+    for name, r in variants.items():
+        jobs.append({"variant": name, "number": "elbo_full", "slice": (0, n_test), "k": 1})
+        if r["likelihood"] == "bernoulli":
+            mlp = r["model_config"]["arch"] == "mlp"
+            # the MLP covers every image, cut at conv_n so the conv's images are a sum of shards
+            cuts = slices(0, conv_n) + (slices(conv_n, n_test) if mlp else [])
+            for a, b in cuts:
+                k = settings.iwae_k
+                jobs.append({"variant": name, "number": "iwae", "slice": (a, b), "k": k})
+        elif r["likelihood"] == "discretized_logistic":
+            for a, b in slices(0, min(settings.bpd_iwae_images, n_test)):
+                k = settings.bpd_iwae_k
+                jobs.append({"variant": name, "number": "iwae", "slice": (a, b), "k": k})
+    for j in jobs:
+        j |= {"weights": variants[j["variant"]]["weights"], "n_test": n_test}
+        j["likelihood"] = variants[j["variant"]]["likelihood"]
+    cost = {"mlp": 1, "conv": 100}  # a conv decoder pass costs ~100 MLP passes here
+    arch = {n: r["model_config"]["arch"] for n, r in variants.items()}
+    jobs.sort(key=lambda j: -(j["slice"][1] - j["slice"][0]) * j["k"] * cost[arch[j["variant"]]])
+    return jobs
+
+
+def evaluate_on_test(job: dict) -> dict:
+    """One test evaluation job: reads the test split, scores one slice of it, returns sums."""
+    from pipeline.model import evaluate, load_model, weights_metadata
+    from pipeline.model.quality import binarization_sha256, binarize_fixed, quantize_8bit
 
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    train = fmnist_images(0, "train")
-    test = fmnist_images(eval_options["test_images"], "test")
-    model, likelihood = VARIANTS[name]
-    vae = VAE.from_config(preset(model, likelihood=likelihood))
-    opt = torch.optim.AdamW(vae.parameters(), lr=LR, weight_decay=1e-4)
-    curve, step, epoch = [], 0, 0
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-
-    def set_lr() -> None:  # warm-up, then a cosine over the CPU budget
-        used = min(1.0, (time.process_time() - cpu0) / cpu_seconds)
-        scale = min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * used))
-        for group in opt.param_groups:
-            group["lr"] = LR * max(scale, 0.01)
-
-    acc: dict[str, float] = {}
-    acc_steps, next_point = 0, cpu_seconds / CURVE_POINTS
-    done = False
-    while not done:
-        order = torch.randperm(len(train), generator=g)
-        for i in range(0, len(train) - batch + 1, batch):
-            x = train[order[i : i + batch]]
-            x = binarize(x, g) if likelihood == "bernoulli" else quantize_8bit(x)
-            out = elbo_terms(vae, x)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            set_lr()
-            opt.step()
-            step += 1
-            for k in ("bits_per_dim", "rate_bits", "distortion_bits"):
-                acc[k] = acc.get(k, 0.0) + float(out[k])
-            acc_steps += 1
-            used = time.process_time() - cpu0
-            if used >= next_point and acc_steps >= 5:
-                curve.append(
-                    {
-                        "step": step,
-                        "cpu_seconds": round(used, 2),
-                        "wall_seconds": round(time.perf_counter() - wall0, 2),
-                        **{k: round(v / acc_steps, 4) for k, v in acc.items()},
-                    }
-                )
-                acc, acc_steps, next_point = {}, 0, used + cpu_seconds / CURVE_POINTS
-            if time.process_time() - cpu0 >= cpu_seconds:
-                done = True
-                break
-        epoch += 1
-    trained = {
-        "steps": step,
-        "epochs_started": epoch,
-        "images": step * batch,
-        "cpu_seconds": round(time.process_time() - cpu0, 1),
-        "wall_seconds": round(time.perf_counter() - wall0, 1),
-    }
-    if eval_options.get("save_dir"):  # the trained weights, to re-evaluate without retraining
-        from dataclasses import asdict
-        from pathlib import Path
-
-        from pipeline.model import save_weights
-
-        path = Path(eval_options["save_dir"], f"{name}.safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(
-            save_weights(vae, metadata={"model_config": json.dumps(asdict(vae.config))})
-        )
-    t_eval = time.perf_counter()
-    vae.eval()
-    res: dict = {}
-    test_batches = _batches(test, 500)
-    if likelihood == "bernoulli":
-        # the same seed binarizes the same test images the same way in every variant
-        full = fashion_mnist_nll(vae, test_batches, k=1, seed=0)
-        n, k = eval_options["iwae_images"], eval_options["iwae_k"]
-        iwae = fashion_mnist_nll(vae, [test[:n]], k=k, chunk=max(1, 2048 // n), seed=0)
-        res = {
-            "test_neg_elbo_nats": full["neg_elbo"],
-            "test_images": int(full["n_images"]),
-            "iwae_nll_nats": iwae["nll_iwae"],
-            "iwae_k": k,
-            "iwae_images": n,
-            "subset_neg_elbo_nats": iwae["neg_elbo"],
-            "active_units": full["active_units"],
-            "psnr_db": full["psnr"],
-            "rate_bits": full["rate"] / LN2,
-            "distortion_bits": full["distortion"] / LN2,
-        }
-        if model == "mnist28_mlp":  # cheap enough for IWAE-k on every test image
-            whole = fashion_mnist_nll(vae, _batches(test, 100), k=k, chunk=100, seed=0)
-            res |= {
-                "full_iwae_nll_nats": whole["nll_iwae"],
-                "full_iwae_images": int(whole["n_images"]),
-                "full_neg_elbo_nats": whole["neg_elbo"],
-                "full_gap_nats": whole["gap"],
-            }
+    cpu0 = time.process_time()
+    data = Path(job["weights"]).read_bytes()
+    vae = load_model(json.loads(weights_metadata(data)["model_config"]), data)
+    source = CountingSource()
+    test = source.images("test")[: job["n_test"]]
+    out: dict = {"job": {k: job[k] for k in ("variant", "number", "slice", "k")}}
+    if job["likelihood"] == "bernoulli":
+        images = binarize_fixed(test)  # the whole split at once: the same bits in every job
+        out["test_binarization_sha256"] = binarization_sha256(images)
     else:
-        full = (
-            bits_per_dim_8bit(vae, test_batches, k=1, seed=0)
-            if likelihood == "discretized_logistic"
-            else evaluate(
-                vae,
-                [quantize_8bit(b) for b in test_batches],
-                k=1,
-                generator=torch.Generator().manual_seed(0),
-            )
-        )
-        res = {
-            "test_elbo_bits_per_dim": full["elbo_bits_per_dim"],
-            "test_images": int(full["n_images"]),
-            "rate_bits": full["rate"] / LN2,
-            "distortion_bits": full["distortion"] / LN2,
-            "psnr_db": full["psnr"],
+        images = quantize_8bit(test)
+    a, b = job["slice"]
+    g = torch.Generator().manual_seed(1_000_003 * (1 + a) + job["k"])  # the IWAE noise only
+    r = evaluate(vae, list(images[a:b].split(EVAL_BATCH)), job["k"], chunk=128, generator=g)
+    n = int(r["n_images"])
+    out["sums"] = {k: v * n for k, v in r.items() if k not in ("active_units", "latent_units")}
+    out["n"] = n
+    if job["number"] == "elbo_full":
+        out["active_units"], out["latent_units"] = r["active_units"], r["latent_units"]
+    out["cpu_seconds"] = time.process_time() - cpu0
+    out["splits_read"] = dict(source.reads)
+    return out
+
+
+def _mean(parts: list[dict], key: str) -> float:
+    n = sum(p["n"] for p in parts)
+    return sum(p["sums"][key] for p in parts) / n
+
+
+def combine(variants: dict, results: list[dict], settings: Settings) -> None:
+    """Fold the evaluation jobs' sums into each variant's ``test`` numbers."""
+    n_test = settings.quality_test_images or 10_000
+    conv_n = min(settings.iwae_images, n_test)
+    for name, r in variants.items():
+        mine = [x for x in results if x["job"]["variant"] == name]
+        full = next(x for x in mine if x["job"]["number"] == "elbo_full")
+        iwae = [x for x in mine if x["job"]["number"] == "iwae"]
+        t = {
+            "images": full["n"],
+            "neg_elbo_nats": _mean([full], "neg_elbo"),
+            "elbo_bits_per_dim": _mean([full], "elbo_bits_per_dim"),
+            "rate_bits": _mean([full], "rate") / LN2,
+            "distortion_bits": _mean([full], "distortion") / LN2,
+            "psnr_db": _mean([full], "psnr"),
             "active_units": full["active_units"],
+            "elbo_k": 1,
         }
-        if likelihood == "discretized_logistic":
-            n, k = eval_options["bpd_iwae_images"], eval_options["bpd_iwae_k"]
-            iwae = bits_per_dim_8bit(vae, [test[:n]], k=k, chunk=max(1, 2048 // n), seed=0)
-            res |= {"iwae_bits_per_dim": iwae["bits_per_dim"], "iwae_k": k, "iwae_images": n}
-    res = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}
-    return {
-        "likelihood": likelihood,
-        "model": model,
-        "train": trained,
-        "test": res,
-        "curve": curve,
-        "eval_wall_seconds": round(time.perf_counter() - t_eval, 1),
-    }
+        if r["likelihood"] == "bernoulli":
+            mlp = r["model_config"]["arch"] == "mlp"
+            same = [x for x in iwae if x["job"]["slice"][1] <= conv_n]
+            t |= {
+                "iwae_k": settings.iwae_k,
+                "iwae_images": sum(x["n"] for x in iwae),
+                "iwae_nll_nats": _mean(iwae, "nll_iwae"),
+                "iwae_neg_elbo_nats": _mean(iwae, "neg_elbo"),  # k-draw ELBO, same images
+                "iwae_gap_nats": _mean(iwae, "gap"),
+            }
+            if mlp:
+                t["same_images_as_conv"] = {
+                    "images": sum(x["n"] for x in same),
+                    "iwae_nll_nats": _mean(same, "nll_iwae"),
+                }
+            shas = {x["test_binarization_sha256"] for x in mine}
+            assert len(shas) == 1, shas  # one binarization, whatever the job, K or slice
+            t["test_binarization_sha256"] = shas.pop()
+        elif iwae:
+            t |= {
+                "iwae_k": settings.bpd_iwae_k,
+                "iwae_images": sum(x["n"] for x in iwae),
+                "iwae_bits_per_dim": _mean(iwae, "bits_per_dim"),
+            }
+        t["eval_cpu_seconds"] = round(sum(x["cpu_seconds"] for x in mine), 1)
+        t["eval_jobs"] = len(mine)
+        r["test"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in t.items()}
+
+
+def _git() -> dict:
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "bench", "pipeline")
+    return {"commit": git("rev-parse", "HEAD"), "dirty_bench_or_pipeline": bool(dirty)}
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def run(
-    settings: Settings, log=print, variants: list[str] | None = None, save_dir: str = ""
+    settings: Settings,
+    log=print,
+    variants: list[str] | None = None,
+    save_dir: str = "",
+    command: str = "",
 ) -> dict:
-    """The ``variants`` (default: all) side by side, one process each (``spawn``: no inherited
-    threads/state); trained weights go to ``save_dir`` if given."""
+    """Train ``variants`` (default: all) side by side, then score them on the test split."""
     variants = list(variants or VARIANTS)
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise ValueError(f"unknown quality variant(s) {unknown}; known: {', '.join(VARIANTS)}")
-    options = {
-        "test_images": settings.quality_test_images,
-        "iwae_k": settings.iwae_k,
-        "iwae_images": settings.iwae_images,
-        "bpd_iwae_k": settings.bpd_iwae_k,
-        "bpd_iwae_images": settings.bpd_iwae_images,
-    }
-    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    ctx = multiprocessing.get_context("spawn")
+    save_dir = save_dir or "bench/quality/models"
+    opts = _options(settings)
+    budget = settings.quality_cpu_seconds
+    load, host = {"start": _load()}, machine()
+    t0 = time.time()
+    ctx = multiprocessing.get_context("spawn")  # no inherited threads or state
+    # [1] all variants at once, one process each, each stopped by its own CPU budget
     with ProcessPoolExecutor(len(variants), mp_context=ctx) as pool:
-        futures = {
-            v: pool.submit(
-                train_variant,
-                v,
-                settings.quality_cpu_seconds,
-                settings.batch,
-                {**options, "save_dir": save_dir},
-            )
-            for v in variants
-        }
+        futures = {v: pool.submit(train_variant, v, budget, opts, save_dir) for v in variants}
         out = {v: f.result() for v, f in futures.items()}
-    for r in out.values():
-        r["run"] = {"started": started, "side_by_side_with": len(variants) - 1}
+    load["after_training"] = _load()
+    train_wall = time.time() - t0
+    starts = [r["process"]["started"] for r in out.values()]
+    ends = [r["process"]["finished"] for r in out.values()]
+    overlap = min(ends) - max(starts)  # all processes were running during this span
     for v, r in out.items():
-        log(f"quality {v}: {r['train']['steps']} steps, {r['test']}")
+        c = r["cpu_seconds"]
+        log(
+            f"quality {v}: chose {r['chosen']['name']} on validation; {r['train']['steps']} "
+            f"steps, {c['training_total']:.0f} training CPU-s ({c['selection_trials']:.0f} in "
+            "trials)"
+        )
+    # [2] the test split, once per reported number, after all training and selection
+    jobs = test_jobs(out, settings)
+    workers = settings.eval_workers or os.cpu_count() or 1
+    t_eval = time.time()
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+        results = list(pool.map(evaluate_on_test, jobs))
+    combine(out, results, settings)
+    load["end"] = _load()
+    for v, r in out.items():
+        log(f"quality {v}: test {r['test']}")
+    split = next(iter(out.values()))["validation_split"]
+    assert all(r["validation_split"] == split for r in out.values())
+    sha = {r["test"].get("test_binarization_sha256") for r in out.values()} - {None}
+    protocol = {
+        "validation_split": split,
+        "selection": "every choice (candidate, checkpoint) on validation numbers only; "
+        "the chosen model is trained from scratch on the rest of the budget",
+        "test_binarization": {
+            "seed": TEST_BINARIZATION_SEED,
+            "sha256": sha.pop() if len(sha) == 1 else sorted(sha),
+            "images": settings.quality_test_images or 10_000,
+        },
+        "side_by_side": {
+            "processes": len(variants),
+            "torch_threads_each": 1,
+            "start_spread_seconds": round(max(starts) - min(starts), 1),
+            "all_running_seconds": round(overlap, 1),
+            "training_wall_seconds": round(train_wall, 1),
+        },
+        "test_split_reads": {
+            "selection_and_training": sum(r["splits_read"].get("test", 0) for r in out.values()),
+            "test_evaluation_jobs": sum(x["splits_read"].get("test", 0) for x in results),
+            "reported_numbers": len({(j["variant"], j["number"]) for j in jobs}),
+        },
+        "eval": {
+            "workers": min(workers, len(jobs)),
+            "jobs": len(jobs),
+            "wall_seconds": round(time.time() - t_eval, 1),
+        },
+        "load_average": load,
+        "machine": host,
+        "command": command,
+        "git": _git(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t0)),
+    }
+    for r in out.values():
+        r.pop("validation_split")
     return {
         "config": {
-            "model": "mnist28 (conv), mnist28_mlp (784-300-300-40)",
-            "cpu_seconds_per_variant": settings.quality_cpu_seconds,
-            "cpu_minutes_per_variant": rnd(settings.quality_cpu_seconds / 60, 2),
+            "cpu_seconds_per_variant": budget,
+            "cpu_minutes_per_variant": rnd(budget / 60, 2),
             "torch_threads": 1,
-            "batch_size": settings.batch,
+            "batch_size": 128,
             "processes_side_by_side": len(variants),
-            "optimizer": f"AdamW {LR:g}, 100 warm-up steps, cosine over the budget",
+            "optimizer": "AdamW (candidate lr), 100 warm-up steps, cosine over the budget",
             "sigma_laplace_gaussian": 0.1,
-            "data": "Fashion-MNIST 60k train / test split",
-            **options,
+            "data": "Fashion-MNIST: 55k train / 5k validation (from train) / test split",
+            "test_images": settings.quality_test_images or 10_000,
+            "iwae_k": settings.iwae_k,
+            "iwae_images": settings.iwae_images,
+            "bpd_iwae_k": settings.bpd_iwae_k,
+            "bpd_iwae_images": settings.bpd_iwae_images,
+            **opts,
         },
+        "protocol": protocol,
         "variants": out,
     }

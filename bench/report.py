@@ -13,6 +13,7 @@ PATHS = [
     ("s3", "S3 shards (SeaweedFS)"),
     ("folder", "folder, one file per image"),
 ]
+LN2 = 0.6931471805599453
 COLORS = [
     (31, 119, 180),
     (214, 39, 40),
@@ -228,64 +229,76 @@ def sampling_section(s: dict) -> list[str]:
     )
 
 
+def _quality_metric(name: str, r: dict, conv_images: int | None) -> str:
+    e = r["test"]
+    if r["likelihood"] == "bernoulli":
+        text = (
+            f"binarized NLL **{e['iwae_nll_nats']:.2f} nats** (IWAE-{e['iwae_k']}, "
+            f"{e['iwae_images']} test images); -ELBO {e['neg_elbo_nats']:.2f} (all "
+            f"{e['images']})"
+        )
+        same = e.get("same_images_as_conv")
+        if same and conv_images and same["images"] < e["iwae_images"]:
+            text += f"; on the conv's {same['images']}: {same['iwae_nll_nats']:.2f}"
+        return text
+    if "iwae_bits_per_dim" in e:
+        return (
+            f"**{e['elbo_bits_per_dim']:.3f} bits/dim** (ELBO, {e['images']} test images); "
+            f"{e['iwae_bits_per_dim']:.3f} (IWAE-{e['iwae_k']}, {e['iwae_images']} images)"
+        )
+    return f"{e['elbo_bits_per_dim']:.3f} bits/dim (ELBO), PSNR {e['psnr_db']:.1f} dB"
+
+
 def quality_section(q: dict) -> list[str]:
-    c, v = q["config"], q["variants"]
+    if "protocol" not in q:
+        return [
+            "### 5. Quality",
+            "",
+            "Recorded before issue 17's protocol (no validation split, not side by side): "
+            "kept in results.json as a record only.",
+            "",
+        ]
+    c, v, p = q["config"], q["variants"], q["protocol"]
+    side = p["side_by_side"]
     out = [
         f"### 5. Quality after {c['cpu_minutes_per_variant']} CPU-minutes of training per "
-        f"variant ({c['cpu_seconds_per_variant']:.0f} CPU-s, 1 thread, "
-        f"{c['processes_side_by_side']} variants side by side; batch {c['batch_size']}, "
-        f"{c['optimizer']}; evaluation not counted)",
+        f"variant ({c['cpu_seconds_per_variant']:.0f} CPU-s incl. selection trials, 1 thread, "
+        f"{side['processes']} processes side by side, all running for "
+        f"{side['all_running_seconds']:.0f} s; batch {c['batch_size']}, {c['optimizer']}; "
+        "validation scoring and test evaluation not counted)",
         "",
     ]
+    conv_n = next(
+        (
+            r["test"]["iwae_images"]
+            for r in v.values()
+            if r["likelihood"] == "bernoulli" and r["model_config"]["arch"] == "conv"
+        ),
+        None,
+    )
     rows = []
     for name, r in v.items():
         t, e = r["train"], r["test"]
-        if "full_iwae_nll_nats" in e:
-            metric = (
-                f"binarized NLL **{e['full_iwae_nll_nats']:.2f} nats** (IWAE-{e['iwae_k']}, "
-                f"all {e['full_iwae_images']} test images; -ELBO "
-                f"{e['full_neg_elbo_nats']:.2f}); first {e['iwae_images']}: "
-                f"{e['iwae_nll_nats']:.2f}"
-            )
-        elif r["likelihood"] == "bernoulli":
-            metric = (
-                f"binarized NLL {e['iwae_nll_nats']:.2f} nats (IWAE-{e['iwae_k']}, first "
-                f"{e['iwae_images']} test images); -ELBO {e['test_neg_elbo_nats']:.2f} "
-                f"nats ({e['test_images']} images)"
-            )
-        elif name == "discretized_logistic":
-            metric = (
-                f"{e['test_elbo_bits_per_dim']:.3f} bits/dim (ELBO, {e['test_images']} "
-                f"images); {e['iwae_bits_per_dim']:.3f} (IWAE-{e['iwae_k']}, "
-                f"{e['iwae_images']} images)"
-            )
-        else:
-            metric = (
-                f"{e['test_elbo_bits_per_dim']:.3f} bits/dim (ELBO), PSNR {e['psnr_db']:.1f} dB"
-            )
-        epochs = t["images"] / 60000
         rows.append(
             [
                 name,
-                r.get("model", "mnist28"),
+                r["chosen"]["name"],
                 t["steps"],
-                f"{epochs:.1f}",
-                f"{t['cpu_seconds']:.0f}",
-                f"{t['wall_seconds']:.0f}",
-                metric,
+                f"{t['epochs']:.1f}",
+                f"{r['cpu_seconds']['training_total']:.0f}",
+                _quality_metric(name, r, conv_n),
                 f"{e['rate_bits']:.1f}",
                 f"{e['distortion_bits']:.1f}",
-                f"{e.get('psnr_db', float('nan')):.1f}",
+                f"{e['psnr_db']:.1f}",
             ]
         )
     out += _table(
         [
             "variant",
-            "model",
-            "steps",
+            "chosen on validation",
+            "final steps",
             "epochs",
             "CPU s",
-            "wall s",
             "test",
             "rate bits",
             "distortion bits",
@@ -293,31 +306,40 @@ def quality_section(q: dict) -> list[str]:
         ],
         rows,
     )
-    runs: dict = {}
+    sel = []
     for name, r in v.items():
-        if "run" in r:
-            key = (r["run"]["started"], r["run"]["side_by_side_with"], r["run"]["command"])
-            runs.setdefault(key, []).append(name)
-    if len(runs) > 1:
-        out += [
-            "Runs: "
-            + "; ".join(
-                f"{', '.join(names)}: started {started}, beside {n} other variant(s) (`{cmd}`)"
-                for (started, n, cmd), names in runs.items()
+        for trial in r["selection"]:
+            sel.append(
+                [
+                    name,
+                    trial["candidate"]["name"],
+                    trial["train"]["steps"],
+                    f"{trial['train']['cpu_seconds']:.0f}",
+                    f"{trial['validation']['score']:.2f}",
+                    "chosen" if trial["candidate"]["name"] == r["chosen"]["name"] else "",
+                ]
             )
-            + ".",
-            "",
-        ]
+    if sel:
+        out += ["Selection trials (validation only; lower is better):", ""]
+        out += _table(["variant", "candidate", "steps", "CPU s", "validation score", ""], sel)
+    split, tb = p["validation_split"], p["test_binarization"]
+    reads = p["test_split_reads"]
     out += [
+        f"Protocol: validation = {split['size']} of the 60,000 training images (seed "
+        f"{split['seed']}, indices sha256 `{split['indices_sha256'][:16]}`); test binarization "
+        f"seed {tb['seed']}, sha256 `{str(tb['sha256'])[:16]}`; test split read "
+        f"{reads['selection_and_training']} times during selection and training, "
+        f"{reads['test_evaluation_jobs']} evaluation jobs for {reads['reported_numbers']} "
+        f"reported numbers; git `{p['git']['commit'][:10]}`; load average "
+        f"{p['load_average']['start']} at start, {p['load_average']['after_training']} after "
+        "training.",
+        "",
         "Published binarized Fashion-MNIST test NLL (Exemplar VAE, Norouzi et al. 2020): "
         "MLP VAE with a Gaussian prior 228.7 nats, conv hierarchical VAE 225.4 nats, after "
         "training to convergence (thousands of epochs). laplace = L1 and gaussian = L2 "
         f"distortion (fixed sigma {c['sigma_laplace_gaussian']}); bits/dim are 8-bit "
         "(continuous densities get the ln 255 bin width); PSNR of the reconstruction from "
-        "the posterior mean. The conv variants' IWAE runs on the first test images only: "
-        "the whole 10k split at k=5000 is 50M conv decoder passes (~5 h of 2 cores here); "
-        "the MLP's pass is ~50x cheaper, so it gets the whole split. "
-        "Training curve: ![training curve](training_curve.png)",
+        "the posterior mean. Training curve: ![training curve](training_curve.png)",
         "",
     ]
     return out
@@ -455,46 +477,36 @@ def summary_section(r: dict) -> list[str]:
             ]
         )
     q = r.get("quality")
-    if q:
+    if q and "protocol" in q:  # only numbers measured under issue 17's protocol
         v, mins = q["variants"], q["config"]["cpu_minutes_per_variant"]
-        if "discretized_logistic" in v:
-            e = v["discretized_logistic"]["test"]
-            rows.append(
-                [
-                    f"quality after {mins} CPU-min: Fashion-MNIST 8-bit bits/dim",
-                    f"{e['test_elbo_bits_per_dim']:.3f} (ELBO, {e['test_images']} test)",
-                    f"IWAE-{e['iwae_k']}, {e['iwae_images']} images: {e['iwae_bits_per_dim']:.3f}",
-                    "-",
-                ]
-            )
-        if "bernoulli_mlp" in v:
-            e = v["bernoulli_mlp"]["test"]
-            rows.append(
-                [
-                    f"quality after {mins} CPU-min: binarized NLL, MLP VAE (nats)",
-                    f"{e['full_iwae_nll_nats']:.1f} (IWAE-{e['iwae_k']}, "
-                    f"{e['full_iwae_images']} test images)",
-                    "published MLP VAE: 228.7",
-                    f"{e['full_iwae_nll_nats'] / 228.7:.3f}",
-                ]
-            )
-        if "bernoulli" in v:
-            e = v["bernoulli"]["test"]
-            rows.append(
-                [
-                    f"quality after {mins} CPU-min: binarized NLL, conv VAE (nats)",
-                    f"{e['iwae_nll_nats']:.1f} (IWAE-{e['iwae_k']}, {e['iwae_images']} "
-                    "test images)",
-                    f"-ELBO {e['test_neg_elbo_nats']:.1f} ({e['test_images']} images)",
-                    "-",
-                ]
-            )
-        for name, label in (("laplace", "L1"), ("gaussian", "L2")):
-            if name in v:
-                e = v[name]["test"]
+        for name, r_ in v.items():
+            e = r_["test"]
+            if r_["likelihood"] == "bernoulli":
+                mlp = r_["model_config"]["arch"] == "mlp"
                 rows.append(
                     [
-                        f"quality after {mins} CPU-min: {label} ({name}) rate / distortion",
+                        f"quality after {mins} CPU-min: binarized NLL, "
+                        f"{'MLP' if mlp else 'conv'} VAE ({name}, nats)",
+                        f"{e['iwae_nll_nats']:.1f} (IWAE-{e['iwae_k']}, {e['iwae_images']} "
+                        "test images)",
+                        "published MLP VAE: 228.7" if mlp else "published ConvHVAE: 225.4",
+                        f"{e['iwae_nll_nats'] / (228.7 if mlp else 225.4):.3f}",
+                    ]
+                )
+            elif "iwae_bits_per_dim" in e:
+                rows.append(
+                    [
+                        f"quality after {mins} CPU-min: Fashion-MNIST 8-bit bits/dim",
+                        f"{e['elbo_bits_per_dim']:.3f} (ELBO, {e['images']} test)",
+                        f"IWAE-{e['iwae_k']}, {e['iwae_images']} images: "
+                        f"{e['iwae_bits_per_dim']:.3f}",
+                        "-",
+                    ]
+                )
+            else:
+                rows.append(
+                    [
+                        f"quality after {mins} CPU-min: {name} rate / distortion",
                         f"{e['rate_bits']:.1f} / {e['distortion_bits']:.1f} bits",
                         f"PSNR {e['psnr_db']:.1f} dB",
                         "-",
@@ -656,8 +668,8 @@ def training_curve(quality: dict, path: Path) -> None:
     draw = ImageDraw.Draw(img)
     draw.text(
         (20, 8),
-        f"Fashion-MNIST, training -ELBO (bits/dim) vs CPU seconds, "
-        f"{quality['config']['cpu_seconds_per_variant']:.0f} CPU-s per variant",
+        f"Fashion-MNIST, -ELBO (bits/dim) vs CPU seconds, "
+        f"{quality['config']['cpu_seconds_per_variant']:.0f} CPU-s per variant (selection incl.)",
         fill="black",
         font=_font(17),
     )
@@ -669,22 +681,24 @@ def training_curve(quality: dict, path: Path) -> None:
             (col + 1) * w // 2 - 10,
             40 + (row + 1) * (h - 40) // n_rows,
         )
-        pts = [(c["cpu_seconds"], c["bits_per_dim"]) for c in r["curve"]]
+        pts = [(c["cpu_seconds"], c["bits_per_dim"]) for c in r["train"]["curve"]]
         smooth = [
             (x, sum(p[1] for p in pts[max(0, j - 4) : j + 1]) / len(pts[max(0, j - 4) : j + 1]))
             for j, (x, _) in enumerate(pts)
         ]
-        test = r["test"]
-        label = "train -ELBO"
-        if "test_elbo_bits_per_dim" in test:
-            label += f" (test {test['test_elbo_bits_per_dim']:.3f})"
-        elif "test_neg_elbo_nats" in test:
-            label += f" (test {test['test_neg_elbo_nats'] / 784 / 0.693147:.3f})"
+        dims_ln2 = 784 * LN2
+        val = [
+            (c["cpu_seconds"], c.get("elbo_bits_per_dim", c["neg_elbo"] / dims_ln2))
+            for c in r["train"].get("validation_curve", [])
+        ]
         _panel(
             draw,
             box,
-            f"{name}: {r['train']['steps']} steps (smoothed)",
-            [(label, smooth, COLORS[i])],
-            "CPU seconds",
+            f"{name} ({r['chosen']['name']}): {r['train']['steps']} steps",
+            [
+                ("train -ELBO (smoothed)", smooth, COLORS[i % len(COLORS)]),
+                ("validation -ELBO", val, "black"),
+            ],
+            "CPU seconds of the final run",
         )
     img.save(path)

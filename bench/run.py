@@ -6,7 +6,8 @@
     .venv/bin/python -m bench.run --quick    # ~3-4 min, small N (stated in the output)
     .venv/bin/python -m bench.run --only data,sampling
     .venv/bin/python -m bench.run --render   # tables + curve again from results.json
-    make bench-quality                       # the quality table alone, 20 CPU-min per variant
+    make bench-quality                       # the quality table alone (issue 17's protocol)
+    .venv/bin/python -m bench.run --only quality --quality-smoke --out-dir /tmp/q  # ~2-3 min
 
 Starts its own SeaweedFS, MLflow and Ray head on free loopback ports and stops exactly those
 processes at the end (also on Ctrl-C / SIGTERM). Ratios are always against a baseline
@@ -16,6 +17,7 @@ measured in the same run; numbers are medians of interleaved repetitions.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -44,7 +46,7 @@ def _write(results: dict, out_dir: Path) -> None:
     tmp = out_dir / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     tmp.replace(out_dir / "results.json")
-    if "quality" in results:
+    if "protocol" in results.get("quality", {}):
         training_curve(results["quality"], out_dir / "training_curve.png")
     (out_dir / "results.md").write_text(markdown(results))
 
@@ -88,13 +90,26 @@ def main(argv: list[str] | None = None) -> int:
         "--iwae-images",
         type=int,
         default=None,
-        help="test images for the conv variants' IWAE-5000 (default 16, quick 8)",
+        help="test images for the conv variant's IWAE-k (first N; the MLP is scored on all and "
+        "on these; default 2000, quick 8)",
+    )
+    p.add_argument("--iwae-k", type=int, default=None, help="IWAE k on the test split (5000)")
+    p.add_argument(
+        "--quality-test-images",
+        type=int,
+        default=None,
+        help="test images for the full-split numbers (default 0: all 10,000)",
+    )
+    p.add_argument(
+        "--quality-smoke",
+        action="store_true",
+        help="the whole quality path in ~2-3 minutes: 8 CPU-s per variant, 500 test images, "
+        "IWAE-20 on 16 (numbers meaningless; every protocol field written)",
     )
     p.add_argument(
         "--quality-variants",
         default="",
-        help="re-run only these quality variants (comma-separated) and merge them "
-        "into OUT_DIR/results.json",
+        help="run only these quality variants (comma-separated), side by side",
     )
     p.add_argument(
         "--render",
@@ -116,11 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     from bench import common
     from bench.stack import BenchStack
 
-    settings = common.Settings.quick() if args.quick else common.Settings.full()
+    if args.quality_smoke:
+        settings = common.Settings.quality_smoke()
+    else:
+        settings = common.Settings.quick() if args.quick else common.Settings.full()
     if args.quality_minutes is not None:
         settings.quality_cpu_seconds = args.quality_minutes * 60
-    if args.iwae_images is not None:
-        settings.iwae_images = args.iwae_images
+    for name in ("iwae_images", "iwae_k", "quality_test_images"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
     torch.set_num_threads(settings.threads)
     t0 = time.perf_counter()
     command = "make bench" if not argv else f".venv/bin/python -m bench.run {' '.join(argv)}"
@@ -137,12 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{settings.mode} mode, sections {only}; machine {results['machine']}")
     need_ray = bool({"train", "overhead", "sampling", "sweep"} & set(only))
     need_mlflow = bool({"train", "sweep"} & set(only))
-    with (
-        BenchStack(num_cpus=4, with_ray=need_ray, with_mlflow=need_mlflow) as stack,
-        tempfile.TemporaryDirectory(prefix="bench-data-") as work,
-    ):
-        results["meta"]["service_startup_seconds"] = stack.startup_seconds
-        log(f"services up: {stack.startup_seconds}")
+    services = (
+        BenchStack(num_cpus=4, with_ray=need_ray, with_mlflow=need_mlflow)
+        if set(only) != {"quality"}  # the quality section needs no service
+        else contextlib.nullcontext()
+    )
+    with services as stack, tempfile.TemporaryDirectory(prefix="bench-data-") as work:
+        if stack is not None:
+            results["meta"]["service_startup_seconds"] = stack.startup_seconds
+            log(f"services up: {stack.startup_seconds}")
         timings = results["meta"].setdefault("section_seconds", {})
         for section in only:
             with common.Stopwatch() as t:
@@ -175,18 +197,13 @@ def main(argv: list[str] | None = None) -> int:
                     from bench import quality
 
                     some = [v for v in args.quality_variants.split(",") if v]
-                    q = quality.run(
-                        settings, log, some or None, save_dir=str(Path(args.out_dir) / "models")
+                    results["quality"] = quality.run(
+                        settings,
+                        log,
+                        some or None,
+                        save_dir=str(Path(args.out_dir) / "models"),
+                        command=command,
                     )
-                    for v in q["variants"].values():
-                        v["run"]["command"] = command
-                    previous = Path(args.out_dir) / "results.json"
-                    if some and previous.exists():  # keep the other variants' earlier numbers
-                        old = json.loads(previous.read_text())
-                        results["meta"]["merged_into"] = old["meta"]
-                        q["variants"] = {**old["quality"]["variants"], **q["variants"]}
-                        q["config"] = old["quality"]["config"]
-                    results["quality"] = q
                 elif section == "fixes":
                     from bench import fixes
 

@@ -79,3 +79,118 @@ def test_validate_rejects_a_bernoulli_job_without_binarization(tmp_path, capsys)
     assert cli.main(["validate", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "config.model.likelihood: 'bernoulli' needs binary pixels" in err[0]
+
+
+# --- the bench-quality protocol: validation split, selection blind to the test split -------
+
+
+def test_validation_split_is_seeded_disjoint_and_complete():
+    from pipeline.model.quality import indices_sha256, validation_split
+
+    train, val = validation_split(60_000, 5_000, seed=17)
+    assert (len(train), len(val)) == (55_000, 5_000)
+    assert torch.equal(torch.cat([train, val]).sort().values, torch.arange(60_000))
+    again = validation_split(60_000, 5_000, seed=17)
+    assert torch.equal(again[1], val) and indices_sha256(again[1]) == indices_sha256(val)
+    assert indices_sha256(validation_split(60_000, 5_000, seed=18)[1]) != indices_sha256(val)
+    assert not torch.equal(val, torch.arange(55_000, 60_000))  # random, not the last 5,000
+    with pytest.raises(ValueError, match="validation size"):
+        validation_split(10, 10)
+
+
+class _FakeFashionMNIST:
+    """Random uint8 'Fashion-MNIST' whose test split must never be read here."""
+
+    def __init__(self, path: str = ""):
+        g = torch.Generator().manual_seed(0)
+        self.train = torch.randint(0, 256, (700, 28, 28), generator=g, dtype=torch.uint8)
+
+    def arrays(self, split: str):
+        if split != "train":
+            raise AssertionError(f"selection or training read the {split!r} split")
+        return self.train.numpy(), None
+
+
+def test_selection_and_training_read_only_the_training_split(monkeypatch, tmp_path):
+    import inspect
+
+    from bench import quality, quality_train
+
+    # by construction: selection gets training and validation images, never the test split
+    assert list(inspect.signature(quality_train.select_and_train).parameters) == [
+        "name",
+        "train",
+        "val",
+        "budget_s",
+        "opts",
+    ]
+    # and by count: the variant's process entry, with a source that refuses the test split
+    monkeypatch.setattr("pipeline.data.sources.FashionMNIST", _FakeFashionMNIST)
+    opts = {
+        "seed": 0,
+        "val_size": 100,
+        "val_seed": 17,
+        "select_k": 2,
+        "select_images": 20,
+        "select_fraction": 0.5,
+        "checkpoints": 2,
+    }
+    r = quality.train_variant("bernoulli_mlp", 1.0, opts, str(tmp_path))
+    assert r["splits_read"] == {"train": 1}
+    split = r["validation_split"]
+    assert (split["size"], split["train_size"], split["seed"]) == (100, 600, 17)
+    names = [c.name for c in quality_train.VARIANTS["bernoulli_mlp"].candidates]
+    assert [t["candidate"]["name"] for t in r["selection"]] == names
+    scores = {t["candidate"]["name"]: t["validation"]["score"] for t in r["selection"]}
+    assert r["chosen"]["name"] == min(scores, key=scores.get)  # argmin of validation scores
+    assert all(t["validation"]["images"] == 20 for t in r["selection"])
+    c = r["cpu_seconds"]
+    assert c["training_total"] >= 1.0 and c["selection_trials"] < c["training_total"]
+    assert len(r["train"]["validation_curve"]) >= 2  # checkpoints scored on validation
+    assert r["train"]["steps"] > 0 and (tmp_path / "bernoulli_mlp.safetensors").exists()
+
+
+def _fashion_mnist_available() -> bool:
+    try:
+        from pipeline.data.sources import FashionMNIST
+
+        FashionMNIST()
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _fashion_mnist_available(), reason="needs the Fashion-MNIST package")
+def test_bench_quality_smoke_writes_the_protocol_fields(tmp_path):
+    """``bench.run --quality-smoke`` end to end (~1-2 min on 2 quiet cores), two variants."""
+    import json
+
+    from bench import run
+    from bench.quality_train import CountingSource
+    from pipeline.model.quality import indices_sha256, validation_split
+
+    argv = ["--only", "quality", "--quality-smoke", "--out-dir", str(tmp_path)]
+    assert run.main([*argv, "--quality-variants", "bernoulli_mlp,bernoulli"]) == 0
+    q = json.loads((tmp_path / "results.json").read_text())["quality"]
+    p, v = q["protocol"], q["variants"]
+    split = p["validation_split"]
+    assert (split["size"], split["train_size"], split["seed"]) == (5000, 55000, 17)
+    assert split["indices_sha256"] == indices_sha256(validation_split(60_000, 5_000, 17)[1])
+    test = CountingSource().images("test")[:500]
+    assert p["test_binarization"]["sha256"] == binarization_sha256(binarize_fixed(test))
+    assert p["side_by_side"]["processes"] == 2 and p["side_by_side"]["all_running_seconds"] > 0
+    assert p["test_split_reads"]["selection_and_training"] == 0
+    assert p["test_split_reads"]["test_evaluation_jobs"] == sum(
+        r["test"]["eval_jobs"] for r in v.values()
+    )
+    assert len(p["git"]["commit"]) == 40 and p["command"].startswith(".venv/bin/python -m")
+    assert len(p["load_average"]["start"]) == 3 and p["machine"]["cores"] >= 1
+    for r in v.values():
+        assert r["splits_read"] == {"train": 1}
+        assert r["cpu_seconds"]["training_total"] >= 8.0 and r["train"]["steps"] > 0
+        assert r["test"]["images"] == 500 and r["test"]["iwae_k"] == 20
+    assert v["bernoulli"]["test"]["iwae_images"] == 16
+    assert v["bernoulli_mlp"]["test"]["iwae_images"] == 500
+    assert v["bernoulli_mlp"]["test"]["same_images_as_conv"]["images"] == 16
+    assert (tmp_path / "results.md").exists() and (tmp_path / "training_curve.png").exists()
