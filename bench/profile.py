@@ -50,12 +50,12 @@ def target_loader(seconds: float) -> None:
 def target_step(seconds: float) -> None:
     import torch
 
-    from bench.loops import MODEL, fmnist_images
+    from bench.loops import LIKELIHOOD, MODEL, fmnist_images
     from pipeline.model import VAE, preset
     from pipeline.train.step import Objective, train_step
 
     torch.set_num_threads(1)
-    vae = VAE.from_config(preset(MODEL))
+    vae = VAE.from_config(preset(MODEL, likelihood=LIKELIHOOD))
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
     x, model, t0 = fmnist_images(128), Objective(vae), time.perf_counter()
     while time.perf_counter() - t0 < seconds:

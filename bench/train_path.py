@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.common import Settings, Stopwatch, later_half, median, ratio, rnd
 from bench.cpu import CpuMeter
-from bench.loops import MODEL, minimal_loop
+from bench.loops import LIKELIHOOD, MODEL, minimal_loop
 from bench.stack import REPO_ROOT, BenchStack
 from pipeline.data.config import IngestConfig
 from pipeline.data.ingest import ingest
@@ -48,7 +48,7 @@ def make_job(
         TrainJob,
         {
             "data": {"train_url": train_url, "num_workers": settings.loader_workers},
-            "model": dict(PRESETS[MODEL]),
+            "model": dict(PRESETS[MODEL], likelihood=LIKELIHOOD),
             "optim": {
                 "epochs": 1,
                 "max_steps": settings.train_steps,
