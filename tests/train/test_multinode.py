@@ -136,8 +136,16 @@ def dataset_keys(s3, split_url: str) -> set[str]:
     return keys
 
 
-def write_job(path: Path, data_url: str, mlflow_uri: str, env_vars: dict[str, str]) -> Path:
-    """A train job yaml as a user would write it for a cluster (entrypoint, runtime_env)."""
+def write_job(
+    path: Path,
+    data_url: str,
+    mlflow_uri: str,
+    env_vars: dict[str, str],
+    name: str = NAME,
+    **scaling,
+) -> Path:
+    """A train job yaml as a user would write it for a cluster (entrypoint, runtime_env);
+    ``scaling`` overrides keys of its ``scaling`` section."""
     path.write_text(
         yaml.safe_dump(
             {
@@ -174,15 +182,16 @@ def write_job(path: Path, data_url: str, mlflow_uri: str, env_vars: dict[str, st
                     "scaling": {
                         "num_workers": WORLD,
                         "cpus_per_worker": 1,
-                        "storage_path": f"s3://ckpt-{NAME}/ray",
-                        "name": NAME,
+                        "storage_path": f"s3://ckpt-{name}/ray",
+                        "name": name,
                         "max_failures": 1,
                         "num_to_keep": 2,
+                        **scaling,
                     },
                     "tracking": {
                         "mlflow_uri": mlflow_uri,
-                        "experiment": f"test-{NAME}",
-                        "registered_model": f"test-{NAME}",
+                        "experiment": f"test-{name}",
+                        "registered_model": f"test-{name}",
                         "metrics_port": -1,
                     },
                 },
@@ -369,3 +378,90 @@ def test_two_nodes_split_data_and_survive_node_death(
         assert not seen[0] & seen[1]
         assert seen[0] | seen[1] <= everything
         assert len(everything - seen[0] - seen[1]) == REMAINDER
+
+
+# A node that never returns: the retry waits START_TIMEOUT s to place the worker group,
+# CONTROLLER_LIMIT + 1 times, then the run fails. Bound after the kill: Ray noticing the lost
+# worker (the controller's poll, or the GCS's node health check: 5 missed checks 3 s apart on
+# Ray's defaults) plus those waits, plus the controller's and the driver's own seconds.
+START_TIMEOUT = 10
+CONTROLLER_LIMIT = 1
+DETECTION = 30
+LOST_BOUND = DETECTION + (CONTROLLER_LIMIT + 1) * START_TIMEOUT + 20
+
+
+@pytest.mark.timeout(300)
+def test_node_that_never_returns_fails_the_run_naming_the_cause(
+    cluster, fmnist_url, mlflow_server, s3, tmp_path
+):
+    from mlflow.tracking import MlflowClient
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    head, node, markers = cluster
+    name = "node-lost"
+    s3.make_bucket(f"ckpt-{name}")
+    paused = tmp_path / "paused.pid"
+    spec = load_job(
+        write_job(
+            tmp_path / "train-node-lost.yaml",
+            fmnist_url,
+            mlflow_server.uri,
+            {
+                "OMP_NUM_THREADS": "1",
+                "PIPELINE_FAULT_KILL_STEP": str(PAUSE_STEP),
+                "PIPELINE_FAULT_KILL_RANK": "1",
+                "PIPELINE_FAULT_MARKER": str(paused),
+                "PIPELINE_FAULT_KILL_DELAY": "90",
+            },
+            name=name,
+            worker_start_timeout_s=START_TIMEOUT,
+            controller_failure_limit=CONTROLLER_LIMIT,
+        )
+    )
+    client = JobSubmissionClient(head.dashboard_url, headers=head.headers)
+    job_id = client.submit_job(entrypoint=spec.entrypoint, runtime_env=runtime_env_for(spec))
+
+    def status() -> JobStatus:
+        return client.get_job_status(job_id)
+
+    try:
+        # Both workers run, one per node; rank 1 (on node 2) parks at step 12.
+        wait_for(lambda: paused.exists() or status().is_terminal(), 150, "rank 1 at step 12")
+        assert not status().is_terminal(), client.get_job_logs(job_id)
+        node_id = node.node_id()
+        assert node_id in {w["node_id"] for w in train_workers(head)}
+
+        # Node 2 dies for good: every process of it at once, and it never comes back.
+        t_kill = time.monotonic()
+        node.kill()
+        final = wait_for(
+            lambda: (s := status()).is_terminal() and s, LOST_BOUND + 60, "the job to end"
+        )
+        ended = time.monotonic() - t_kill
+    finally:
+        if not status().is_terminal():
+            client.stop_job(job_id)
+    logs = client.get_job_logs(job_id)
+    (tmp_path / "job.log").write_text(logs)
+    print(f"the run failed {ended:.1f}s after node 2 was killed (bound {LOST_BOUND}s)")
+    assert final == JobStatus.FAILED, logs[-5000:]
+    assert node.gcs_state(node_id) == "DEAD"
+    assert ended <= LOST_BOUND, ended
+
+    # One line names the cause, the bound and the settings behind it; it is the last line.
+    want = (
+        f"training run {name!r} failed: the cluster could not place 2 workers "
+        f"({{'CPU': 1.0}} each) within {START_TIMEOUT}s, {CONTROLLER_LIMIT + 1} times in a row "
+        f"(scaling.worker_start_timeout_s={START_TIMEOUT}, "
+        f"scaling.controller_failure_limit={CONTROLLER_LIMIT}): a node was lost and not "
+        f"replaced, or the cluster is too small"
+    )
+    assert logs.strip().splitlines()[-1].endswith(want), logs[-3000:]
+    # Ray Train tried exactly that often: one worker-group failure, then the placements.
+    assert logs.count("The worker group startup timed out after") >= CONTROLLER_LIMIT + 1
+
+    # The MLflow run is marked FAILED, and no model is registered.
+    ml = MlflowClient(mlflow_server.uri)
+    exp = ml.get_experiment_by_name(f"test-{name}")
+    [run] = ml.search_runs([exp.experiment_id])
+    assert run.info.status == "FAILED"
