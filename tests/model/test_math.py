@@ -284,6 +284,15 @@ def test_objective_config_errors_name_the_key(optim, message):
         build(TrainJob, job)
     ok = build(TrainJob, {**job, "optim": {"objective": "iwae", "iwae_train_k": 5}})
     assert (ok.optim.objective, ok.optim.iwae_train_k) == ("iwae", 5)
+    # the worker's loss module trains on what optim.objective names
+    from pipeline.train.step import Objective
+
+    model, _, W, b = linear_gaussian(mean_shift=0.3)
+    y = data(W, b, 8)
+    loss = Objective(model, ok.optim.objective, ok.optim.iwae_train_k)
+    out = loss(y, 1.0, 0.0, torch.Generator().manual_seed(0))
+    ref = iwae_terms(model, y, 5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out["loss"], ref["loss"]) and "neg_iwae" not in Objective(model)(y, 1.0, 0.0)
 
 
 # --- objective pieces ---------------------------------------------------------------------
