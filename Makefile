@@ -15,7 +15,7 @@ $(error TORCH=$(TORCH): use TORCH=cpu (default) or TORCH=cuda)
 endif
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint up down status demo bench bench-quality bench-ingest bench-readme gpu-check gpu-device clean help
+.PHONY: install test test-fast lint up down status demo bench bench-quality bench-ingest bench-readme bench-peers bench-peers-venv bench-peers-lock gpu-check gpu-device clean help
 
 help:
 	@echo "make demo   - install, start the local stack, ingest Fashion-MNIST, train (2 workers), sample"
@@ -26,6 +26,7 @@ help:
 	@echo "make lock   - regenerate requirements/lock-{cpu,cuda}.txt from pyproject.toml"
 	@echo "make up / make down / make status - the local stack"
 	@echo "make bench  - benchmarks; results in bench/results.json and README"
+	@echo "make bench-peers - the data path beside LitData and MosaicML Streaming (own venv), ~20 min"
 	@echo "make bench-readme - the README's numbers from 3 runs each (bench, demo, ingest), ~35 min"
 	@echo "make gpu-check - the GPU path end to end (<= 8 min on one GPU; on CPU, CUDA-only checks skipped)"
 	@echo "make gpu-device - the CUDA path and the sizing table with torch alone (no Ray/MLflow/S3), ~3 min on one GPU"
@@ -111,6 +112,39 @@ QUALITY_MINUTES ?= 30
 bench-quality: install
 	$(BIN)/python -m bench.run --only quality --quality-minutes $(QUALITY_MINUTES) \
 		--iwae-images 2000 --out-dir bench/quality
+
+# The data path beside LitData and MosaicML Streaming on the same images (issue 16): a bench-only
+# extra in its own venv (.venv-peers), so the peers can never replace the project's torch; torch
+# stays $(TORCH_VERSION)+cpu by constraints and is checked after the install. bench/peers.md.
+PEERS_VENV := .venv-peers
+PEERS_PYTHON ?= python3.11
+PEERS_LOCK := requirements/bench-peers.txt
+PEERS_PIN := requirements/bench-peers-constraints.txt
+PEERS_PIP = --find-links $(TORCH_CPU_WHEELS) -c $(PEERS_PIN)
+
+bench-peers: install bench-peers-venv
+	$(BIN)/python -m bench.peers
+
+bench-peers-venv: $(PEERS_VENV)/.installed
+
+$(PEERS_VENV)/.installed: $(PEERS_LOCK) $(PEERS_PIN)
+	test -x $(PEERS_VENV)/bin/python || $(PEERS_PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --no-deps $(PEERS_PIP) -r $(PEERS_LOCK)
+	$(PEERS_VENV)/bin/python -m bench.peers_runner --check torch==$(TORCH_VERSION)+cpu
+	touch $@
+
+# Re-resolve requirements/bench-peers.in into the lock (needs PyPI). PyPI's torchvision is a CUDA
+# build that cannot load beside the CPU torch (`operator torchvision::nms does not exist`): it is
+# left out, and bench/peers_runner.py stubs the two names mosaicml-streaming imports from it.
+bench-peers-lock:
+	rm -rf .cache/peers-lock
+	$(PEERS_PYTHON) -m venv .cache/peers-lock
+	.cache/peers-lock/bin/python -m pip install -q $(PEERS_PIP) torch==$(TORCH_VERSION)+cpu
+	.cache/peers-lock/bin/python -m pip install -q $(PEERS_PIP) -r requirements/bench-peers.in
+	.cache/peers-lock/bin/python -m pip uninstall -q -y torchvision
+	{ echo "# make bench-peers-lock: requirements/bench-peers.in resolved under $(PEERS_PIN)"; \
+	  echo "# (Python 3.11, Linux x86_64); torchvision deliberately absent, see the Makefile."; \
+	  .cache/peers-lock/bin/python -m pip freeze; } > $(PEERS_LOCK)
 
 clean: down
 	rm -rf .stack .data

@@ -1,0 +1,107 @@
+"""``bench/peers.md`` from ``bench/peers.json`` (:mod:`bench.peers`)."""
+
+from __future__ import annotations
+
+SYSTEMS = ("memory", "project", "litdata", "mds")
+NAMES = {
+    "memory": "in-memory decode limit",
+    "project": "**this project** (shards)",
+    "litdata": "LitData",
+    "mds": "MosaicML Streaming (MDS)",
+}
+
+
+def _rate(d: dict, key: str) -> str:
+    runs = d["all_repeats"][key]
+    return f"{d['images_per_second'][key]:,.0f} ({min(runs):,.0f}–{max(runs):,.0f})"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def markdown(r: dict) -> str:
+    m, v = r["machine"], r["versions"]
+    workers = r["workers"]
+    during = r["load_1min_during"]
+    shared = (
+        " **Load was above 2 on 2 cores: the machine is shared with other agents, so absolute "
+        "numbers are low and noisy; the interleaved ratios are the result.**"
+        if during["max"] > 2
+        else ""
+    )
+    out = [
+        "# The data path beside LitData and MosaicML Streaming",
+        "",
+        f"`{r['command']}` (`bench/peers.py`), {r['seconds']} s. Machine: {m['cpu_model']}, "
+        f"{m['cores']} cores, {m['memory_gib']} GiB, no GPU. Load average (1, 5, 15 min) "
+        f"{m['load_average_at_start']} at the start, {r['load_average_at_end']} at the end; "
+        f"1-min load before each epoch: median {during['median']:.2f}, "
+        f"{during['min']:.2f}–{during['max']:.2f}.{shared}",
+        "",
+        f"Versions: project venv torch {v['project']['torch']}, Pillow {v['project']['pillow']}; "
+        f"peers venv (`.venv-peers`, `requirements/bench-peers.txt`) torch {v['peers']['torch']}, "
+        f"litdata {v['peers']['litdata']}, mosaicml-streaming {v['peers']['mosaicml-streaming']}, "
+        f"numpy {v['peers']['numpy']}, Pillow {v['peers']['pillow']}; torchvision "
+        f"{v['peers']['torchvision']}.",
+        "",
+        "Method: every loader reads the same encoded PNG/JPEG bytes (the project's ingest "
+        "wrote them; the same bytes in the same order went into `litdata.optimize` and "
+        "`streaming.MDSWriter`, with the same samples per shard). Images/s over whole epochs, "
+        "timed from constructing the dataset to the last batch (worker start-up included), "
+        "shuffle on for all (the project: its default `shuffle_buffer: 1000`; "
+        "`StreamingDataset(shuffle=True)` for both peers); every loader yields uint8 batches and "
+        "the main process turns them into float32 in [0, 1]. The in-memory limit decodes the "
+        "same bytes from a Python list through `DataLoader(shuffle=True)` with the same workers "
+        "and batch size. `memory` and `project` run in a `.venv` subprocess, the peers in a "
+        "`.venv-peers` one; each repetition runs every loader at every worker count, the order "
+        f"rotated each repetition. Median of {r['repeats']} interleaved repetitions, "
+        "(min–max) beside it; one warm-up epoch per loader and dataset first.",
+        "",
+        "### Images/s, median (min–max)",
+        "",
+    ]
+    rows = []
+    for name, d in r["datasets"].items():
+        c = d["config"]
+        shards = c["shards"]
+        label = (
+            f"{name} (N={c['images']:,}, batch {c['batch_size']}, ~{c['image_bytes']:,} B/img, "
+            f"shards {shards['project']}/{shards['litdata']}/{shards['mds']})"
+        )
+        for s in SYSTEMS:
+            rows.append([label, NAMES[s], *(_rate(d, f"{s}_w{w}") for w in workers)])
+    out += _table(["dataset", "loader", *(f"workers={w}" for w in workers)], rows)
+    out += [
+        "",
+        "Shards: project / LitData chunks / MDS shards. An epoch yields N rounded down to whole "
+        "batches (LitData: every sample, its last batch partial).",
+        "",
+        "### Ratios (of the medians)",
+        "",
+    ]
+    rows = []
+    for name, d in r["datasets"].items():
+        ra = d["ratios"]
+        for key, label in (
+            ("project_vs_memory", "this project / in-memory limit"),
+            ("litdata_vs_memory", "LitData / in-memory limit"),
+            ("mds_vs_memory", "MDS / in-memory limit"),
+            ("project_vs_litdata", "this project / LitData"),
+            ("project_vs_mds", "this project / MDS"),
+        ):
+            rows.append([name, label, *(f"{ra[f'{key}_w{w}']:.2f}" for w in workers)])
+    out += _table(["dataset", "ratio", *(f"workers={w}" for w in workers)], rows)
+    out += [
+        "",
+        "### Time to the first batch, s (median)",
+        "",
+    ]
+    rows = []
+    for name, d in r["datasets"].items():
+        for s in SYSTEMS:
+            fb = d["first_batch_seconds"]
+            rows.append([name, NAMES[s], *(f"{fb[f'{s}_w{w}']:.2f}" for w in workers)])
+    out += _table(["dataset", "loader", *(f"workers={w}" for w in workers)], rows)
+    return "\n".join(out) + "\n"
