@@ -12,6 +12,9 @@ The fault tests set these on the cluster (``runtime_env.env_vars`` or the head's
                                 polled is not the one a restart gets); PIPELINE_FAULT_KILL_AT
                                 "report" moves the kill from mid-step to the step's report
                                 (after its gather, before ``ray.train.report``)
+    PIPELINE_FAULT_HOLD         "<step>:<file>": rank 0, at that step's report (its checkpoint
+                                written, not yet uploaded), creates <file>.reached and waits
+                                (at most 300 s) for <file>.go, while the test stops a service
     PIPELINE_RECORD_KEYS_DIR    a folder where every rank appends "epoch step key" per sample
                                 (rank<r>.txt), a line per start of its loop (attempts-rank<r>.txt:
                                 how many attempts the run took) and the sha256 of its final
@@ -31,6 +34,7 @@ import torch
 
 __all__ = [
     "corrupt_loss",
+    "hold",
     "kill_point",
     "record_attempt",
     "record_keys",
@@ -61,6 +65,17 @@ def kill_point(where: str, step: int, rank: int) -> None:
             Path(marker).write_text(str(os.getpid()))
             time.sleep(float(os.environ.get("PIPELINE_FAULT_KILL_DELAY", "5")))  # the work
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hold(step: int, rank: int) -> None:
+    """Rank 0 waits at ``step``'s report for the test's go (PIPELINE_FAULT_HOLD), once."""
+    at, _, path = os.environ.get("PIPELINE_FAULT_HOLD", "").partition(":")
+    if rank != 0 or at != str(step) or Path(f"{path}.reached").exists():
+        return
+    Path(f"{path}.reached").write_text(str(os.getpid()))
+    deadline = time.monotonic() + 300
+    while not Path(f"{path}.go").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def record_keys(rank: int, epoch: int, step: int, keys: Iterable[str]) -> None:

@@ -25,7 +25,7 @@ from pipeline.data.stream import ShardStream, make_loader
 from pipeline.model import VAE, elbo_terms, evaluate, kl_warmup
 from pipeline.model.quality import binarize, binarize_fixed
 from pipeline.serve.images import grid
-from pipeline.train import checkpoint, fatal, faults, resume
+from pipeline.train import checkpoint, fatal, faults, resume, upload
 from pipeline.train.config import OptimConfig, TrainJob
 from pipeline.train.metrics import WorkerMetrics
 from pipeline.train.progress import Progress
@@ -248,7 +248,18 @@ class RunState:
             return
         with tempfile.TemporaryDirectory() as tmp:
             self.write(tmp, counts, tracker.run_id)
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            faults.hold(self.step, self.rank)
+            storage = ray.train.get_context().get_storage()
+            ray.train.report(
+                report,
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                # the storage may restart mid-upload: retried as shard reads are
+                checkpoint_upload_fn=upload.retrying(
+                    storage.persist_current_checkpoint,
+                    self.job.data.retries,
+                    self.job.data.retry_backoff,
+                ),
+            )
         metrics.checkpoint_seconds.observe(time.perf_counter() - t0)
         tracker.metrics({"checkpoint_seconds": time.perf_counter() - t0}, self.step)
         tracker.flush()  # metrics reach MLflow only once their step is checkpointed
