@@ -845,4 +845,28 @@ def test_cluster_doc_gives_the_commands_that_match_these_files():
         "optim.precision: auto",
     ):
         assert command in text, f"docs/CLUSTER.md lacks {command!r}"
-    assert "<decode img/s per core from make bench>" in text
+
+
+def test_cluster_sizing_table_is_the_recorded_gpu_run():
+    """Every sizing row in docs/CLUSTER.md is a row of the recorded ``bench.gpu_device`` run
+    (bench/gpu/gpu_device.json): nothing in the table is typed in by hand."""
+    import json
+    import re
+
+    text = CLUSTER_DOC.read_text()
+    run = json.loads((CLUSTER_DOC.parents[1] / "bench/gpu/gpu_device.json").read_text())
+    rows = re.findall(
+        r"^\| `(64|256)`[^|]* \| (\d+) \| (bf16|fp32) \| ([\d,]+) \| ([\d,]+)-([\d,]+) \| "
+        r"([\d.]+) GiB \|$",
+        text,
+        re.M,
+    )
+    assert len(rows) == len(run["sizing"]) == 10
+    num = lambda s: float(s.replace(",", ""))  # noqa: E731
+    for (preset, batch, prec, ips, lo, hi, gib), r in zip(rows, run["sizing"], strict=True):
+        assert (preset, int(batch), prec) == (r["preset"], r["batch"], r["precision"])
+        assert num(ips) == round(r["images_per_s"])
+        assert (num(lo), num(hi)) == tuple(round(x) for x in r["spread"])
+        assert float(gib) == r["peak_gib"]
+    assert run["device"] == "NVIDIA H200" and run["cuda"]
+    assert {c["status"] for c in run["checks"]} == {"PASS"}
