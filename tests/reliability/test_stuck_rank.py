@@ -55,7 +55,9 @@ def alive(pid: int) -> bool:
 @pytest.mark.parametrize(
     "where, step, detail",
     [
-        ("step", 12, ["Timed out waiting 20000ms"]),  # gloo: rank 0's all-reduce
+        # ("step", 12, ["Timed out waiting 20000ms"]): stopped mid-step, rank 0's gloo
+        # all-reduce times out; ended 53.6 s after the SIGSTOP when run. Not in the suite: it
+        # held before the driver's fix (gloo has its own timeout) and costs ~2.5 min.
         # Ray Train: rank 0's barrier, or the health check of the stopped rank, whichever is
         # first (both take the timeout)
         ("report", 16, ["have not joined the collective operation: [1]", "health check"]),
