@@ -26,7 +26,7 @@ help:
 	@echo "make lock   - regenerate requirements/lock-{cpu,cuda}.txt from pyproject.toml"
 	@echo "make up / make down / make status - the local stack"
 	@echo "make bench  - benchmarks; results in bench/results.json and README"
-	@echo "make bench-peers - the data path beside LitData and MosaicML Streaming (own venv), ~20 min"
+	@echo "make bench-peers - the data path beside LitData and MosaicML Streaming (own venv), ~23 min on 2 loaded cores"
 	@echo "make bench-readme - the README's numbers from 3 runs each (bench, demo, ingest), ~35 min"
 	@echo "make gpu-check - the GPU path end to end (<= 8 min on one GPU; on CPU, CUDA-only checks skipped)"
 	@echo "make gpu-device - the CUDA path and the sizing table with torch alone (no Ray/MLflow/S3), ~3 min on one GPU"

@@ -25,9 +25,16 @@ def markdown(r: dict) -> str:
     m, v = r["machine"], r["versions"]
     workers = r["workers"]
     during = r["load_1min_during"]
+    spread = max(
+        max(runs) / min(runs)
+        for d in r["datasets"].values()
+        for runs in d["all_repeats"].values()
+        if min(runs) > 0
+    )
     shared = (
-        " **Load was above 2 on 2 cores: the machine is shared with other agents, so absolute "
-        "numbers are low and noisy; the interleaved ratios are the result.**"
+        f" **The 1-min load reached {during['max']:.1f} on 2 cores (shared with other agents); "
+        f"repetitions of one configuration differ by up to {spread:.1f}x, so these medians "
+        "and ratios establish nothing: rerun `make bench-peers` on a quiet machine.**"
         if during["max"] > 2
         else ""
     )
@@ -52,7 +59,8 @@ def markdown(r: dict) -> str:
         "timed from constructing the dataset to the last batch (worker start-up included), "
         "shuffle on for all (the project: its default `shuffle_buffer: 1000`; "
         "`StreamingDataset(shuffle=True)` for both peers); every loader yields uint8 batches and "
-        "the main process turns them into float32 in [0, 1]. The in-memory limit decodes the "
+        "the main process turns them into float32 in [0, 1]. Loader workers start as each "
+        "library starts them: the project's from a forkserver, the others by fork. The in-memory limit decodes the "
         "same bytes from a Python list through `DataLoader(shuffle=True)` with the same workers "
         "and batch size. `memory` and `project` run in a `.venv` subprocess, the peers in a "
         "`.venv-peers` one; each repetition runs every loader at every worker count, the order "
