@@ -50,7 +50,13 @@ def _run(out: Path, args) -> tuple[float, dict]:
 
 
 def _shards(split: Path) -> dict[str, tuple[int, int]]:
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in split.glob("shard-*.tar")}
+    """The finished shards: published and with their completion record (a shard killed
+    between its publish and its record is not finished, and the re-run redoes it)."""
+    out = {}
+    for p in split.glob("shard-*.tar"):
+        if (split / f"_ingest.{p.stem}.json").exists():
+            out[p.name] = (p.stat().st_ino, p.stat().st_mtime_ns)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -230,8 +230,10 @@ def run_ingest(runs: int, count: int, work: Path) -> dict:
         out = work / f"ingest{i}.json"
         log(f"ingest run {i + 1}/{runs}: {count:,} images")
         cmd = [sys.executable, "-m", "bench.ingest_scale", "--count", str(count), "--out", str(out)]
-        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-        results.append(json.loads(out.read_text()))
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if not out.exists():
+            raise RuntimeError(f"bench.ingest_scale failed:\n{done.stderr[-3000:]}")
+        results.append(json.loads(out.read_text()) | {"exit_code": done.returncode})
     return {
         "count": count,
         "shards": results[0]["shards"],
@@ -241,6 +243,7 @@ def run_ingest(runs: int, count: int, work: Path) -> dict:
         "killed_after_shards": [r["killed_after_shards"] for r in results],
         "rerun_kept_shards": [r["rerun_kept_shards"] for r in results],
         "rerun_identical": [r["rerun_identical"] for r in results],
+        "exit_codes": [r["exit_code"] for r in results],
     }
 
 
