@@ -214,9 +214,10 @@ def demo_block(d: dict) -> list[str]:
         f"| the demo's wall time (`infra/local/demo.sh`, after install) | "
         f"{fmt(d['wall_seconds'], 0, 's')} | - |",
         "",
-        f"Steps per run: {', '.join(map(str, d['steps']))}; progress lines printed per run: "
-        f"{', '.join(map(str, d['progress_lines']))} (one per worker per log step); the last "
-        f"run's last one: `{d['last_progress_line']}`.",
+        f"Last logged training step per run: {', '.join(map(str, d['steps']))} (of 234; "
+        f"`log_every: 20`); progress lines printed per run: "
+        f"{', '.join(map(str, d['progress_lines']))} (steps 20, 40, ..., 220, each once); the "
+        f"last run's last one: `{d['last_progress_line']}`.",
     ]
     return out
 
@@ -272,6 +273,15 @@ def render(results: dict) -> None:
         if name not in results:
             continue
         lines = block(results[name])
+        run = results[name].get("run")
+        if run:
+            lines += [
+                "",
+                f"Measured {run['date']} at commit {run['commit']}, load average (1, 5, 15 min) "
+                f"{run['load_average_start']} at the start"
+                + (f", {run['load_average_end']} at the end" if "load_average_end" in run else "")
+                + " (2 cores).",
+            ]
         md += [f"## {name}", "", *lines, ""]
         pat = re.compile(
             rf"(<!-- bench.repeat:{name} -->\n).*?(<!-- /bench.repeat:{name} -->)", re.S
@@ -320,13 +330,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="bench-repeat-") as tmp:
         work = Path(tmp)
-        for part in only:  # each part saved as soon as it is done
+        for part in only:  # each part saved as soon as it is done, with when and where
+            start = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "commit": commit}
+            start["load_average_start"] = load_average()
             if part == "demo":
                 results["demo"] = run_demo(args.runs, work)
             elif part == "bench":
                 results["bench"] = run_bench(args.runs, work)
             else:
                 results["ingest"] = run_ingest(args.runs, args.ingest_count, work)
+            results[part]["run"] = start | {"load_average_end": load_average()}
             results["meta"]["load_average_end"] = load_average()
             OUT_JSON.write_text(json.dumps(results, indent=1) + "\n")
     render(results)
