@@ -11,6 +11,7 @@ from pipeline.model import VAE, preset
 from pipeline.model.quality import binarization_sha256, binarize_fixed, fashion_mnist_nll
 from pipeline.train.config import TrainJob
 from pipeline.typed import build
+from tests.helpers import require
 
 
 def _images(n: int = 24) -> torch.Tensor:
@@ -161,9 +162,9 @@ def _fashion_mnist_available() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _fashion_mnist_available(), reason="needs the Fashion-MNIST package")
 def test_bench_quality_smoke_writes_the_protocol_fields(tmp_path):
     """``bench.run --quality-smoke`` end to end (~1-2 min on 2 quiet cores), two variants."""
+    require(_fashion_mnist_available(), "needs the Fashion-MNIST package (make install)")
     import json
 
     from bench import run
