@@ -88,6 +88,9 @@ def data_section(d: dict) -> list[str]:
         "The limit is one core decoding in-process; with 1-2 loader workers on 2 cores a "
         "ratio above 1 means the loader used more than one core.",
         "",
+        "Beside LitData and MosaicML Streaming on the same images (whole epochs, shuffle on, "
+        "batch 256/64): [peers.md](peers.md) (`make bench-peers`).",
+        "",
     ]
     return out
 
