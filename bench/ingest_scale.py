@@ -49,12 +49,13 @@ def _run(out: Path, args) -> tuple[float, dict]:
     return time.perf_counter() - t0, json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _shards(split: Path) -> dict[str, tuple[int, int]]:
-    """The finished shards: published and with their completion record (a shard killed
-    between its publish and its record is not finished, and the re-run redoes it)."""
+def _shards(split: Path, finished: bool = False) -> dict[str, tuple[int, int]]:
+    """The published shards (inode, mtime); ``finished``: only those with their completion
+    record, which a killed ingest leaves (a shard killed between its publish and its record
+    is not finished, and the re-run redoes it). A completed ingest removes its records."""
     out = {}
     for p in split.glob("shard-*.tar"):
-        if (split / f"_ingest.{p.stem}.json").exists():
+        if not finished or (split / f"_ingest.{p.stem}.json").exists():
             out[p.name] = (p.stat().st_ino, p.stat().st_mtime_ns)
     return out
 
@@ -75,11 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         # the same ingest, SIGKILLed once a third of its shards are published, then re-run
         split = Path(tmp, "killed", "train")
         proc = subprocess.Popen(_ingest_cmd(Path(tmp, "killed"), args), stdout=subprocess.PIPE)
-        while proc.poll() is None and len(_shards(split)) < max(1, n_shards // 3):
+        while proc.poll() is None and len(_shards(split, True)) < max(1, n_shards // 3):
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        before = _shards(split)
+        before = _shards(split, True)
         t0 = time.perf_counter()
         _, resumed = _run(Path(tmp, "killed"), args)
         rerun = time.perf_counter() - t0
