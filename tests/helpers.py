@@ -83,6 +83,32 @@ def patched_environ(env: dict[str, str]):
 # ------------------------------------------------------------------------- images, shards
 
 
+def synthetic_split_on_s3(s3, bucket: str, count: int, shard_samples: int) -> str:
+    """``count`` synthetic 32x32 RGB images ingested into a fresh folder of ``bucket`` on the
+    test S3 (``shard_samples`` per shard, no test split); returns the train split's URL."""
+    import uuid
+
+    from pipeline.data.config import IngestConfig
+    from pipeline.data.ingest import ingest
+
+    with patched_environ(s3.env):
+        url = s3.make_bucket(bucket) + f"/{uuid.uuid4().hex}"
+        ingest(
+            IngestConfig(
+                output_url=url,
+                source="synthetic",
+                synthetic_count=count,
+                synthetic_size=32,
+                synthetic_mode="RGB",
+                shard_samples=shard_samples,
+                test_fraction=0.0,
+                workers=1,
+            ),
+            progress=False,
+        )
+    return f"{url}/train"
+
+
 def png(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")

@@ -10,40 +10,23 @@ import signal
 import subprocess
 import sys
 import threading
-import uuid
 
 import pytest
 
 from pipeline.data.cache import LOCK_NAME, CacheRejected, ShardCache
-from pipeline.data.config import IngestConfig, StreamConfig
-from pipeline.data.ingest import ingest
+from pipeline.data.config import StreamConfig
 from pipeline.data.manifest import read_manifest
 from pipeline.data.stream import ShardStream, make_loader
 from pipeline.errors import ConfigError
 from tests.data.s3proxy import CountingProxy
-from tests.helpers import ROOT, patched_environ, wait_for
+from tests.helpers import ROOT, synthetic_split_on_s3, wait_for
 
 COUNT, SHARD, BATCH = 120, 20, 8  # 6 shards of 51,200 bytes; 15 batches
 
 
 @pytest.fixture(scope="module")
 def split_url(s3):
-    with patched_environ(s3.env):
-        url = s3.make_bucket("cache") + f"/{uuid.uuid4().hex}"
-        ingest(
-            IngestConfig(
-                output_url=url,
-                source="synthetic",
-                synthetic_count=COUNT,
-                synthetic_size=32,
-                synthetic_mode="RGB",
-                shard_samples=SHARD,
-                test_fraction=0.0,
-                workers=1,
-            ),
-            progress=False,
-        )
-    return f"{url}/train"
+    return synthetic_split_on_s3(s3, "cache", COUNT, SHARD)
 
 
 @pytest.fixture

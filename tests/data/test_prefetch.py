@@ -6,40 +6,23 @@ from __future__ import annotations
 
 import io
 import threading
-import uuid
 
 import pytest
 
 from pipeline import storage
-from pipeline.data.config import IngestConfig, StreamConfig
+from pipeline.data.config import StreamConfig
 from pipeline.data.fetch import ReadAhead
-from pipeline.data.ingest import ingest
 from pipeline.data.iostats import IOStats
 from pipeline.data.manifest import read_manifest
 from pipeline.data.stream import ShardStream, make_loader
-from tests.helpers import patched_environ, wait_for
+from tests.helpers import synthetic_split_on_s3, wait_for
 
 COUNT, SHARD, BATCH = 120, 20, 8  # 6 shards of ~60 KB; 15 batches
 
 
 @pytest.fixture(scope="module")
 def split_url(s3):
-    with patched_environ(s3.env):
-        url = s3.make_bucket("prefetch") + f"/{uuid.uuid4().hex}"
-        ingest(
-            IngestConfig(
-                output_url=url,
-                source="synthetic",
-                synthetic_count=COUNT,
-                synthetic_size=32,
-                synthetic_mode="RGB",
-                shard_samples=SHARD,
-                test_fraction=0.0,
-                workers=1,
-            ),
-            progress=False,
-        )
-    return f"{url}/train"
+    return synthetic_split_on_s3(s3, "prefetch", COUNT, SHARD)
 
 
 def run(

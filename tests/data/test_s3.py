@@ -10,16 +10,14 @@ import re
 import socket
 import threading
 import time
-import uuid
 from urllib.parse import urlparse
 
 import pytest
 
-from pipeline.data.config import IngestConfig, StreamConfig
-from pipeline.data.ingest import ingest
+from pipeline.data.config import StreamConfig
 from pipeline.data.stream import ShardStream, make_loader
 from pipeline.storage import StorageError
-from tests.helpers import patched_environ
+from tests.helpers import synthetic_split_on_s3
 
 COUNT, SHARD, BATCH = 120, 40, 8  # 3 shards of ~100 KB
 
@@ -78,22 +76,7 @@ class CuttingProxy:
 
 @pytest.fixture(scope="module")
 def s3_split(s3):
-    with patched_environ(s3.env):
-        url = s3.make_bucket("stream-faults") + f"/{uuid.uuid4().hex}"
-        ingest(
-            IngestConfig(
-                output_url=url,
-                source="synthetic",
-                synthetic_count=COUNT,
-                synthetic_size=32,
-                synthetic_mode="RGB",
-                shard_samples=SHARD,
-                test_fraction=0.0,
-                workers=1,
-            ),
-            progress=False,
-        )
-    return f"{url}/train"
+    return synthetic_split_on_s3(s3, "stream-faults", COUNT, SHARD)
 
 
 def epoch(url: str, workers: int, **cfg) -> tuple[list[dict], dict]:
