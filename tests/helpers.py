@@ -83,6 +83,37 @@ def patched_environ(env: dict[str, str]):
 # ------------------------------------------------------------------------- images, shards
 
 
+class RestartableS3:
+    """A SeaweedFS that can be stopped and started again as the same server: same ports, same
+    data dir, same identity (``prefix`` starts its access key)."""
+
+    def __init__(self, state: Path, prefix: str = "REL"):
+        import secrets
+
+        self.svc = stack.SeaweedFS(
+            state,
+            access_key=prefix + secrets.token_hex(6).upper(),
+            secret_key=secrets.token_hex(16),
+        )
+
+    def again(self) -> stack.SeaweedFS:
+        """The same server: same ports, same data dir, same identity."""
+        s = self.svc
+        return stack.SeaweedFS(
+            s.state_dir,
+            s.s3_port,
+            access_key=s.access_key,
+            secret_key=s.secret_key,
+            ports=s.role_ports,
+        )
+
+    def up(self) -> None:
+        self.again().start()
+
+    def down(self) -> None:
+        self.again().stop()
+
+
 def synthetic_split_on_s3(s3, bucket: str, count: int, shard_samples: int) -> str:
     """``count`` synthetic 32x32 RGB images ingested into a fresh folder of ``bucket`` on the
     test S3 (``shard_samples`` per shard, no test split); returns the train split's URL."""

@@ -24,7 +24,15 @@ from pipeline.data.config import IngestConfig
 from pipeline.data.ingest import ingest
 from pipeline.train import checkpoint
 from pipeline.train.driver import run_training
-from tests.helpers import BATCH, N_TRAIN, keys_by_step, make_job, patched_environ, read_keys
+from tests.helpers import (
+    BATCH,
+    N_TRAIN,
+    RestartableS3,
+    keys_by_step,
+    make_job,
+    patched_environ,
+    read_keys,
+)
 
 HOLD_STEP = 16  # the end of epoch 0
 EPOCHS = 2
@@ -32,33 +40,12 @@ PER_RANK = N_TRAIN // (2 * BATCH)  # 16 steps per rank and epoch
 TOTAL = EPOCHS * PER_RANK
 
 
-class Restartable:
-    """A SeaweedFS whose restarts keep its ports, data dir and identity."""
-
-    def __init__(self, state: Path):
-        import secrets
-
-        self.svc = stack.SeaweedFS(
-            state, access_key="RST" + secrets.token_hex(6).upper(), secret_key=secrets.token_hex(16)
-        )
-
-    def again(self) -> stack.SeaweedFS:
-        s = self.svc
-        return stack.SeaweedFS(
-            s.state_dir,
-            s.s3_port,
-            access_key=s.access_key,
-            secret_key=s.secret_key,
-            ports=s.role_ports,
-        )
-
-
 @pytest.fixture
 def own_services():
     """A SeaweedFS with 1024 Fashion-MNIST images, and an MLflow server (sqlite, local
     artifacts), both on free ports; stopped and removed afterwards."""
     state = Path(tempfile.mkdtemp(prefix="pl-rst-", dir="/tmp"))
-    s3 = Restartable(state)
+    s3 = RestartableS3(state, "RST")
     mlflow = stack.MlflowServer(state)
     try:
         s3.svc.start()

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import stack
 from pipeline.data.config import IngestConfig, StreamConfig
 from pipeline.data.errors import DataError
 from pipeline.data.ingest import ingest
 from pipeline.data.stream import ShardStream, make_loader
 from pipeline.storage import StorageError
-from tests.helpers import patched_environ
+from tests.helpers import RestartableS3, patched_environ
 
 pytestmark = pytest.mark.services  # a SeaweedFS of its own, stopped and restarted
 
@@ -30,36 +29,10 @@ SMALL = 300  # 3 shards of 100, for the outage tests
 B = 10
 
 
-class OwnS3:
-    def __init__(self, state: Path):
-        import secrets
-
-        self.svc = stack.SeaweedFS(
-            state, access_key="REL" + secrets.token_hex(6).upper(), secret_key=secrets.token_hex(16)
-        )
-
-    def again(self) -> stack.SeaweedFS:
-        """The same server: same ports, same data dir, same identity."""
-        s = self.svc
-        return stack.SeaweedFS(
-            s.state_dir,
-            s.s3_port,
-            access_key=s.access_key,
-            secret_key=s.secret_key,
-            ports=s.role_ports,
-        )
-
-    def up(self) -> None:
-        self.again().start()
-
-    def down(self) -> None:
-        self.again().stop()
-
-
 @pytest.fixture(scope="module")
 def own_s3():
     state = Path(tempfile.mkdtemp(prefix="pl-s3r-", dir="/tmp"))
-    s3 = OwnS3(state)
+    s3 = RestartableS3(state)
     try:
         s3.up()
         with patched_environ(s3.svc.env):
