@@ -105,13 +105,17 @@ bench-readme: install
 bench-ingest: install
 	$(BIN)/python -m bench.ingest_scale
 
-# The model-quality table under issue 17's protocol: 5 variants side by side, QUALITY_MINUTES
-# CPU-min each (selection on a validation split included), then the test split once per
-# number (conv IWAE-5000 on 2,000 images, MLP on all 10,000). ~3-3.5 h on 2 quiet cores at 30.
+# The model-quality table under issue 17's protocol: the variants the goals name side by side
+# (QUALITY_VARIANTS; laplace and gaussian are the other two), QUALITY_MINUTES CPU-min each
+# (selection on a validation split included), then the test split once per number (conv
+# IWAE-5000 on 2,000 images, MLP on all 10,000). At 30 on 2 quiet cores: ~50 min of training,
+# then ~100 min of test evaluation (~200 CPU-min, most of it the conv's 10M decoder passes).
+# Resumable: run it again to continue; delete bench/quality/models to start over.
 QUALITY_MINUTES ?= 30
+QUALITY_VARIANTS ?= bernoulli_mlp,bernoulli,discretized_logistic
 bench-quality: install
 	$(BIN)/python -m bench.run --only quality --quality-minutes $(QUALITY_MINUTES) \
-		--iwae-images 2000 --out-dir bench/quality
+		--quality-variants $(QUALITY_VARIANTS) --iwae-images 2000 --out-dir bench/quality
 
 # The data path beside LitData and MosaicML Streaming on the same images (issue 16): a bench-only
 # extra in its own venv (.venv-peers), so the peers can never replace the project's torch; torch

@@ -16,16 +16,27 @@
 The run metadata (validation split, binarization sha256, processes side by side and how long
 they overlapped, CPU seconds and steps per variant, load average, machine, command, git commit)
 is written by this code at run time under ``protocol``.
+
+Resumable: the run takes hours on two cores, so nothing finished is lost when it is stopped.
+The work directory (``save_dir``) keeps the trained models with their records
+(``training.json``, keyed by the budget, the options and every variant's candidates) and each
+finished evaluation job (``eval/*.json``, keyed by the weights' sha256). Running the same
+command again reuses both and computes only what is missing; every invocation (its commit,
+load, what it ran and what it reused) is listed under ``protocol.invocations``. Training is
+all or nothing, so the variants always train side by side in one invocation. Delete the work
+directory to start over.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
 import subprocess
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -55,8 +66,6 @@ def train_variant(name: str, budget_s: float, opts: dict, save_dir: str) -> dict
 
     Reads the training split only; ``splits_read`` in the result is the audit.
     """
-    from dataclasses import asdict
-
     from pipeline.model import save_weights
 
     started = time.time()
@@ -66,14 +75,51 @@ def train_variant(name: str, budget_s: float, opts: dict, save_dir: str) -> dict
     vae, record = select_and_train(name, splits["train"], splits["val"], budget_s, opts)
     path = Path(save_dir, f"{name}.safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(save_weights(vae, metadata={"model_config": json.dumps(asdict(vae.config))}))
+    data = save_weights(vae, metadata={"model_config": json.dumps(asdict(vae.config))})
+    _write_atomic(path, data)
     return {
         **record,
         "validation_split": split_meta,
         "splits_read": dict(source.reads),
         "process": {"pid": os.getpid(), "started": started, "finished": time.time()},
         "weights": str(path),
+        "weights_sha256": hashlib.sha256(data).hexdigest(),
     }
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _write_json(path: Path, obj) -> None:
+    _write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def _sha256_file(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def training_key(budget: float, opts: dict, variants: list[str]) -> str:
+    """What the trained models depend on: the budget, the options, each variant's candidates."""
+    spec = {"budget": budget, "opts": opts, "variants": {v: asdict(VARIANTS[v]) for v in variants}}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def reusable_training(path: Path, key: str) -> dict | None:
+    """The training record at ``path`` if it was made under ``key`` and every weights file it
+    names still has the sha256 it recorded; else None."""
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("key") != key:
+        return None
+    for r in record["variants"].values():
+        if _sha256_file(Path(r["weights"])) != r["weights_sha256"]:
+            return None
+    return record
 
 
 def test_jobs(variants: dict, settings: Settings) -> list[dict]:
@@ -100,16 +146,31 @@ def test_jobs(variants: dict, settings: Settings) -> list[dict]:
                 k = settings.bpd_iwae_k
                 jobs.append({"variant": name, "number": "iwae", "slice": (a, b), "k": k})
     for j in jobs:
-        j |= {"weights": variants[j["variant"]]["weights"], "n_test": n_test}
-        j["likelihood"] = variants[j["variant"]]["likelihood"]
+        r = variants[j["variant"]]
+        j |= {"weights": r["weights"], "weights_sha256": r["weights_sha256"], "n_test": n_test}
+        j["likelihood"] = r["likelihood"]
     cost = {"mlp": 1, "conv": 100}  # a conv decoder pass costs ~100 MLP passes here
     arch = {n: r["model_config"]["arch"] for n, r in variants.items()}
     jobs.sort(key=lambda j: -(j["slice"][1] - j["slice"][0]) * j["k"] * cost[arch[j["variant"]]])
     return jobs
 
 
+def job_file(eval_dir: Path, job: dict) -> Path:
+    a, b = job["slice"]
+    return eval_dir / f"{job['variant']}.{job['number']}.{a}-{b}.k{job['k']}.n{job['n_test']}.json"
+
+
+def finished_job(path: Path, job: dict) -> dict | None:
+    """The stored result of ``job`` if it scored these very weights; else None."""
+    if not path.exists():
+        return None
+    stored = json.loads(path.read_text())
+    return stored["result"] if stored.get("weights_sha256") == job["weights_sha256"] else None
+
+
 def evaluate_on_test(job: dict) -> dict:
-    """One test evaluation job: reads the test split, scores one slice of it, returns sums."""
+    """One test evaluation job: reads the test split, scores one slice of it, returns sums
+    (also written to ``job["save"]`` when set, so a stopped run keeps it)."""
     from pipeline.model import evaluate, load_model, weights_metadata
     from pipeline.model.quality import binarization_sha256, binarize_fixed, quantize_8bit
 
@@ -135,6 +196,8 @@ def evaluate_on_test(job: dict) -> dict:
         out["active_units"], out["latent_units"] = r["active_units"], r["latent_units"]
     out["cpu_seconds"] = time.process_time() - cpu0
     out["splits_read"] = dict(source.reads)
+    if job.get("save"):
+        _write_json(Path(job["save"]), {"weights_sha256": job["weights_sha256"], "result": out})
     return out
 
 
@@ -203,6 +266,67 @@ def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def train_side_by_side(variants: list[str], budget: float, opts: dict, work: Path, key: str):
+    """Every variant in its own process, started together; the training record."""
+    load, t0 = {"start": _load()}, time.time()
+    date, git = _now(), _git()
+    ctx = multiprocessing.get_context("spawn")  # no inherited threads or state
+    with ProcessPoolExecutor(len(variants), mp_context=ctx) as pool:
+        futures = {v: pool.submit(train_variant, v, budget, opts, str(work)) for v in variants}
+        out = {v: f.result() for v, f in futures.items()}
+    load["after_training"] = _load()
+    starts = [r["process"]["started"] for r in out.values()]
+    ends = [r["process"]["finished"] for r in out.values()]
+    return {
+        "key": key,
+        "date": date,
+        "git": git,
+        "load_average": load,
+        "side_by_side": {
+            "processes": len(variants),
+            "torch_threads_each": 1,
+            "start_spread_seconds": round(max(starts) - min(starts), 1),
+            "all_running_seconds": round(min(ends) - max(starts), 1),  # all were running
+            "training_wall_seconds": round(time.time() - t0, 1),
+        },
+        "variants": out,
+    }
+
+
+def evaluate_jobs(jobs: list[dict], eval_dir: Path, settings: Settings, log):
+    """Every job's result, each finished one stored under ``eval_dir`` as it ends and reused
+    when present; (results in job order, number of jobs run now)."""
+    results: list[dict | None] = []
+    for j in jobs:
+        j["save"] = str(job_file(eval_dir, j))
+        results.append(finished_job(Path(j["save"]), j))
+    todo = [i for i, r in enumerate(results) if r is None]
+    log(
+        f"quality: {len(jobs)} test evaluation jobs, {len(jobs) - len(todo)} reused from {eval_dir}"
+    )
+    if todo:
+        workers = min(settings.eval_workers or os.cpu_count() or 1, len(todo))
+        ctx = multiprocessing.get_context("spawn")
+        t0, cpu = time.time(), 0.0
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            futures = {pool.submit(evaluate_on_test, jobs[i]): i for i in todo}
+            for n, f in enumerate(as_completed(futures), 1):
+                i = futures[f]
+                results[i] = f.result()
+                cpu += results[i]["cpu_seconds"]
+                j = jobs[i]
+                log(
+                    f"quality eval {n}/{len(todo)}: {j['variant']} {j['number']} "
+                    f"images {j['slice'][0]}-{j['slice'][1]} k={j['k']} in "
+                    f"{results[i]['cpu_seconds']:.0f} CPU-s ({time.time() - t0:.0f} s so far)"
+                )
+    return results, len(todo)
+
+
 def run(
     settings: Settings,
     log=print,
@@ -210,26 +334,37 @@ def run(
     save_dir: str = "",
     command: str = "",
 ) -> dict:
-    """Train ``variants`` (default: all) side by side, then score them on the test split."""
+    """Train ``variants`` (default: all) side by side, then score them on the test split;
+    resumes from ``save_dir`` (see the module's docstring)."""
     variants = list(variants or VARIANTS)
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise ValueError(f"unknown quality variant(s) {unknown}; known: {', '.join(VARIANTS)}")
-    save_dir = save_dir or "bench/quality/models"
+    work = Path(save_dir or "bench/quality/models")
     opts = _options(settings)
     budget = settings.quality_cpu_seconds
-    load, host = {"start": _load()}, machine()
-    t0 = time.time()
-    ctx = multiprocessing.get_context("spawn")  # no inherited threads or state
+    host = machine()
+    invocations_path = work / "invocations.json"
+    invocations = json.loads(invocations_path.read_text()) if invocations_path.exists() else []
+    this = {"started": _now(), "git": _git(), "command": command, "load_start": _load()}
+    invocations.append(this)
     # [1] all variants at once, one process each, each stopped by its own CPU budget
-    with ProcessPoolExecutor(len(variants), mp_context=ctx) as pool:
-        futures = {v: pool.submit(train_variant, v, budget, opts, save_dir) for v in variants}
-        out = {v: f.result() for v, f in futures.items()}
-    load["after_training"] = _load()
-    train_wall = time.time() - t0
-    starts = [r["process"]["started"] for r in out.values()]
-    ends = [r["process"]["finished"] for r in out.values()]
-    overlap = min(ends) - max(starts)  # all processes were running during this span
+    key = training_key(budget, opts, variants)
+    trained = reusable_training(work / "training.json", key)
+    if trained is None:
+        _write_json(invocations_path, invocations)
+        trained = train_side_by_side(variants, budget, opts, work, key)
+        _write_json(work / "training.json", trained)
+        this["training"] = "ran"
+    else:
+        log(
+            f"quality: training reused from {work / 'training.json'} ({trained['date']}); "
+            f"delete {work} to start over"
+        )
+        this["training"] = f"reused ({trained['date']})"
+    this["load_after_training"] = _load()
+    _write_json(invocations_path, invocations)
+    out = {v: dict(r) for v, r in trained["variants"].items()}
     for v, r in out.items():
         c = r["cpu_seconds"]
         log(
@@ -239,12 +374,11 @@ def run(
         )
     # [2] the test split, once per reported number, after all training and selection
     jobs = test_jobs(out, settings)
-    workers = settings.eval_workers or os.cpu_count() or 1
-    t_eval = time.time()
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
-        results = list(pool.map(evaluate_on_test, jobs))
+    results, todo = evaluate_jobs(jobs, work / "eval", settings, log)
+    this |= {"eval_jobs_run": todo, "eval_jobs_reused": len(jobs) - todo}
     combine(out, results, settings)
-    load["end"] = _load()
+    this |= {"finished": _now(), "load_end": _load()}
+    _write_json(invocations_path, invocations)
     for v, r in out.items():
         log(f"quality {v}: test {r['test']}")
     split = next(iter(out.values()))["validation_split"]
@@ -259,28 +393,23 @@ def run(
             "sha256": sha.pop() if len(sha) == 1 else sorted(sha),
             "images": settings.quality_test_images or 10_000,
         },
-        "side_by_side": {
-            "processes": len(variants),
-            "torch_threads_each": 1,
-            "start_spread_seconds": round(max(starts) - min(starts), 1),
-            "all_running_seconds": round(overlap, 1),
-            "training_wall_seconds": round(train_wall, 1),
-        },
+        "side_by_side": trained["side_by_side"],
         "test_split_reads": {
             "selection_and_training": sum(r["splits_read"].get("test", 0) for r in out.values()),
             "test_evaluation_jobs": sum(x["splits_read"].get("test", 0) for x in results),
             "reported_numbers": len({(j["variant"], j["number"]) for j in jobs}),
         },
         "eval": {
-            "workers": min(workers, len(jobs)),
+            "workers": min(settings.eval_workers or os.cpu_count() or 1, len(jobs)),
             "jobs": len(jobs),
-            "wall_seconds": round(time.time() - t_eval, 1),
+            "cpu_seconds": round(sum(x["cpu_seconds"] for x in results), 1),
         },
-        "load_average": load,
+        "training_load_average": trained["load_average"],
         "machine": host,
         "command": command,
-        "git": _git(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t0)),
+        "git": trained["git"],
+        "date": trained["date"],
+        "invocations": invocations,
     }
     for r in out.values():
         r.pop("validation_split")

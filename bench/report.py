@@ -252,6 +252,25 @@ def _quality_metric(name: str, r: dict, conv_images: int | None) -> str:
     return f"{e['elbo_bits_per_dim']:.3f} bits/dim (ELBO), PSNR {e['psnr_db']:.1f} dB"
 
 
+def _invocations(runs: list[dict]) -> list[str]:
+    """One line per invocation of a resumed run: when, at which commit, what it did."""
+    if len(runs) < 2:
+        return []
+    out = ["Resumed run, one line per invocation:", ""]
+    for i, r in enumerate(runs, 1):
+        done = r.get("finished", "stopped before the end")
+        evals = (
+            f"{r['eval_jobs_run']} test jobs run, {r['eval_jobs_reused']} reused"
+            if "eval_jobs_run" in r
+            else "stopped during the test evaluation (its finished jobs kept)"
+        )
+        out.append(
+            f"{i}. {r['started']} to {done}, git `{r['git']['commit'][:10]}`: training "
+            f"{r.get('training', 'stopped')}; {evals}"
+        )
+    return [*out, ""]
+
+
 def quality_section(q: dict) -> list[str]:
     if "protocol" not in q:
         return [
@@ -333,10 +352,11 @@ def quality_section(q: dict) -> list[str]:
         f"seed {tb['seed']}, sha256 `{str(tb['sha256'])[:16]}`; test split read "
         f"{reads['selection_and_training']} times during selection and training, "
         f"{reads['test_evaluation_jobs']} evaluation jobs for {reads['reported_numbers']} "
-        f"reported numbers; git `{p['git']['commit'][:10]}`; load average "
-        f"{p['load_average']['start']} at start, {p['load_average']['after_training']} after "
-        "training.",
+        f"reported numbers; trained at git `{p['git']['commit'][:10]}`; load average "
+        f"{p['training_load_average']['start']} at start, "
+        f"{p['training_load_average']['after_training']} after training.",
         "",
+        *_invocations(p["invocations"]),
         "Published binarized Fashion-MNIST test NLL (Exemplar VAE, Norouzi et al. 2020): "
         "MLP VAE with a Gaussian prior 228.7 nats, conv hierarchical VAE 225.4 nats, after "
         "training to convergence (thousands of epochs). laplace = L1 and gaussian = L2 "

@@ -186,7 +186,7 @@ def test_bench_quality_smoke_writes_the_protocol_fields(tmp_path):
         r["test"]["eval_jobs"] for r in v.values()
     )
     assert len(p["git"]["commit"]) == 40 and p["command"].startswith(".venv/bin/python -m")
-    assert len(p["load_average"]["start"]) == 3 and p["machine"]["cores"] >= 1
+    assert len(p["training_load_average"]["start"]) == 3 and p["machine"]["cores"] >= 1
     for r in v.values():
         assert r["splits_read"] == {"train": 1}
         assert r["cpu_seconds"]["training_total"] >= 8.0 and r["train"]["steps"] > 0
@@ -195,3 +195,18 @@ def test_bench_quality_smoke_writes_the_protocol_fields(tmp_path):
     assert v["bernoulli_mlp"]["test"]["iwae_images"] == 500
     assert v["bernoulli_mlp"]["test"]["same_images_as_conv"]["images"] == 16
     assert (tmp_path / "results.md").exists() and (tmp_path / "training_curve.png").exists()
+    assert [i["training"] for i in p["invocations"]] == ["ran"]
+    # stopped and run again: the trained models and every finished test job are kept
+    eval_files = sorted((tmp_path / "models" / "eval").glob("*.json"))
+    assert len(eval_files) == p["eval"]["jobs"]
+    eval_files[0].unlink()
+    assert run.main([*argv, "--quality-variants", "bernoulli_mlp,bernoulli"]) == 0
+    again = json.loads((tmp_path / "results.json").read_text())["quality"]
+    runs = again["protocol"]["invocations"]
+    assert len(runs) == 2 and runs[1]["training"].startswith("reused")
+    assert (runs[1]["eval_jobs_run"], runs[1]["eval_jobs_reused"]) == (1, len(eval_files) - 1)
+
+    def numbers(variants: dict) -> dict:  # the re-run job's CPU seconds differ, nothing else
+        return {n: {**r["test"], "eval_cpu_seconds": 0} for n, r in variants.items()}
+
+    assert numbers(again["variants"]) == numbers(v)
