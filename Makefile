@@ -115,7 +115,7 @@ QUALITY_MINUTES ?= 30
 QUALITY_VARIANTS ?= bernoulli_mlp,bernoulli,discretized_logistic
 bench-quality: install
 	$(BIN)/python -m bench.run --only quality --quality-minutes $(QUALITY_MINUTES) \
-		--quality-variants $(QUALITY_VARIANTS) --iwae-images 2000 --out-dir bench/quality
+		--quality-variants $(QUALITY_VARIANTS) --iwae-images 2000 --out-dir bench/quality --readme
 
 # The data path beside LitData and MosaicML Streaming on the same images (issue 16): a bench-only
 # extra in its own venv (.venv-peers), so the peers can never replace the project's torch; torch

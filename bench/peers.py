@@ -184,7 +184,7 @@ def run(args, log=print) -> dict:
     specs = datasets(args.quick)
     project, peers = Runner(sys.executable), Runner(str(peers_python))
     runners = {"memory": project, "project": project, "litdata": peers, "mds": peers}
-    started, t0 = machine(), time.perf_counter()
+    started, t0, date0 = machine(), time.perf_counter(), time.time()
     try:
         data = {n: prepare(n, s, Path(args.work_dir), peers, log) for n, s in specs.items()}
         for name, spec in specs.items():  # warm-up: forkservers, imports, page cache
@@ -223,6 +223,10 @@ def run(args, log=print) -> dict:
         "versions": versions,
         "repeats": args.repeats,
         "workers": args.workers,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(date0)),
+        "git": subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False
+        ).stdout.strip(),
         "seconds": round(time.perf_counter() - t0),
         "datasets": {
             name: {

@@ -21,6 +21,48 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+GOAL_WORKERS = 2  # issue 16's goals are at 2 loader workers, shuffle on
+
+
+def goals(r: dict, s3_vs_local: float | None = None) -> list[str]:
+    """Issue 16's goals per dataset at 2 loader workers, each a ratio of this run's medians:
+    this project >= 0.9 of the in-memory limit, ahead of LitData and of MDS; with
+    ``s3_vs_local`` (from ``make bench``), S3 >= 0.95 of local shards."""
+    w = GOAL_WORKERS
+    if w not in r["workers"]:
+        return []
+    rows = []
+    for name, d in r["datasets"].items():
+        ra = d["ratios"]
+        for key, label, bound in (
+            ("project_vs_memory", "this project / in-memory limit", 0.9),
+            ("project_vs_litdata", "this project / LitData", 1.0),
+            ("project_vs_mds", "this project / MDS", 1.0),
+        ):
+            x = ra[f"{key}_w{w}"]
+            met = x >= bound if bound < 1 else x > bound
+            rows.append(
+                [
+                    name,
+                    label,
+                    f"{'>=' if bound < 1 else '>'} {bound}",
+                    f"{x:.3f}",
+                    "yes" if met else "no",
+                ]
+            )
+    if s3_vs_local is not None:
+        rows.append(
+            [
+                "(make bench's datasets)",
+                "S3 / local shards",
+                ">= 0.95",
+                f"{s3_vs_local:.3f}",
+                "yes" if s3_vs_local >= 0.95 else "no",
+            ]
+        )
+    return _table(["dataset", f"ratio at {w} loader workers", "goal", "measured", "met"], rows)
+
+
 def markdown(r: dict) -> str:
     m, v = r["machine"], r["versions"]
     workers = r["workers"]
@@ -41,7 +83,8 @@ def markdown(r: dict) -> str:
     out = [
         "# The data path beside LitData and MosaicML Streaming",
         "",
-        f"`{r['command']}` (`bench/peers.py`), {r['seconds']} s. Machine: {m['cpu_model']}, "
+        f"`{r['command']}` (`bench/peers.py`), {r.get('date', 'date not recorded')}, commit "
+        f"`{str(r.get('git', '?'))[:10]}`, {r['seconds']} s. Machine: {m['cpu_model']}, "
         f"{m['cores']} cores, {m['memory_gib']} GiB, no GPU. Load average (1, 5, 15 min) "
         f"{m['load_average_at_start']} at the start, {r['load_average_at_end']} at the end; "
         f"1-min load before each epoch: median {during['median']:.2f}, "
@@ -102,6 +145,10 @@ def markdown(r: dict) -> str:
             rows.append([name, label, *(f"{ra[f'{key}_w{w}']:.2f}" for w in workers)])
     out += _table(["dataset", "ratio", *(f"workers={w}" for w in workers)], rows)
     out += [
+        "",
+        "### Issue 16's goals (2 loader workers, shuffle on)",
+        "",
+        *goals(r),
         "",
         "### Time to the first batch, s (median)",
         "",

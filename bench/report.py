@@ -3,6 +3,7 @@ PNG (drawn with Pillow, so ``make bench`` needs nothing beyond the project's dep
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -269,6 +270,52 @@ def _invocations(runs: list[dict]) -> list[str]:
             f"{r.get('training', 'stopped')}; {evals}"
         )
     return [*out, ""]
+
+
+# issue 17's goals: (variant, test number, at most, CPU-minutes, what)
+QUALITY_GOALS = (
+    ("bernoulli_mlp", "iwae_nll_nats", 228.7, 30, "binarized NLL, nats (published MLP VAE)"),
+    ("bernoulli", "iwae_nll_nats", 225.4, 60, "binarized NLL, nats (published ConvHVAE)"),
+    ("discretized_logistic", "elbo_bits_per_dim", 3.0, 60, "8-bit bits/dim (ELBO)"),
+)
+
+
+def readme_quality(q: dict) -> list[str]:
+    """The README's quality block: each goal beside what this run reached, then the variants'
+    table; rendered from ``bench/quality/results.json`` by ``make bench-quality``."""
+    c, v, p = q["config"], q["variants"], q["protocol"]
+    minutes = c["cpu_minutes_per_variant"]
+    rows = []
+    for name, key, target, goal_minutes, what in QUALITY_GOALS:
+        if name not in v:
+            continue
+        e = v[name]["test"]
+        images = e["iwae_images"] if key == "iwae_nll_nats" else e["images"]
+        how = f"IWAE-{e['iwae_k']}" if key == "iwae_nll_nats" else "ELBO"
+        reached = e[key]
+        budget = f"{goal_minutes}" + ("" if goal_minutes == minutes else f" (ran {minutes:g})")
+        rows.append(
+            [
+                name,
+                what,
+                budget,
+                f"<= {target}",
+                f"**{reached:.2f}**" if key == "iwae_nll_nats" else f"**{reached:.3f}**",
+                f"{how}, {images:,} test images",
+                "yes" if reached <= target else "no",
+            ]
+        )
+    out = [
+        f"From one `make bench-quality` ({p['date']}, trained at commit "
+        f"`{p['git']['commit'][:10]}`; {len(p['invocations'])} invocation(s)): "
+        f"{p['side_by_side']['processes']} variants side by side, {minutes:g} CPU-minutes "
+        "each, one thread, selection on the validation split; test split once per number, "
+        f"binarization sha256 `{str(p['test_binarization']['sha256'])[:16]}`.",
+        "",
+    ]
+    out += _table(["variant", "goal", "CPU-min", "target", "reached", "measured on", "met"], rows)
+    out += quality_section(q)[2:]  # the variants' table, selection trials and protocol line
+    return out
 
 
 def quality_section(q: dict) -> list[str]:
@@ -597,10 +644,60 @@ def gpu_section(g: dict) -> list[str]:
     ]
 
 
+PEERS_JSON = Path(__file__).resolve().parent / "peers.json"
+
+
+def peers_section(r: dict, peers_json: Path = PEERS_JSON) -> list[str]:
+    """The peers' rows (``make bench-peers``'s last run, bench/peers.json) and issue 16's
+    goals, with S3 / local shards at 2 loader workers from this run's data section."""
+    from bench.peers_report import GOAL_WORKERS, goals
+
+    if not peers_json.exists():
+        return []
+    p = json.loads(peers_json.read_text())
+    s3 = [d["ratios"].get(f"s3_vs_local_w{GOAL_WORKERS}") for d in r.get("data_path", {}).values()]
+    s3 = [x for x in s3 if x is not None]
+    out = [
+        "### 1b. Beside LitData and MosaicML Streaming",
+        "",
+        f"From `make bench-peers` ({p.get('date', 'date not recorded')}, {p['repeats']} "
+        f"interleaved repetitions, whole epochs with worker start-up, shuffle on; full tables "
+        f"in [peers.md](peers.md)). Images/s at {GOAL_WORKERS} loader workers, median "
+        "(min-max).",
+        "",
+    ]
+    during = p.get("load_1min_during", {}).get("max", 0)
+    if during > 2:
+        out[-2] += (
+            f" **The 1-min load reached {during:.1f} on 2 cores during that run: these ratios "
+            "establish nothing.**"
+        )
+    w, rows = GOAL_WORKERS, []
+    for name, d in p["datasets"].items():
+        runs = d["all_repeats"]
+        cells = []
+        for system in ("memory", "project", "litdata", "mds"):
+            k = f"{system}_w{w}"
+            cells.append(
+                f"{d['images_per_second'][k]:,.0f} ({min(runs[k]):,.0f}-{max(runs[k]):,.0f})"
+            )
+        rows.append([f"{name} (N={d['config']['images']:,})", *cells])
+    out += _table(["dataset", "in-memory limit", "this project", "LitData", "MDS"], rows)
+    out += [
+        "Issue 16's goals, each a ratio of medians of one run (S3 / local: the smallest over "
+        "this run's datasets):",
+        "",
+        *goals(p, min(s3) if s3 else None),
+        "",
+    ]
+    return out
+
+
 def markdown(r: dict) -> str:
     out = ["# Benchmark results", "", *summary_section(r), *machine_section(r)]
+    if "data_path" in r:
+        out += data_section(r["data_path"]) + peers_section(r)
     for key, fn in (
-        ("data_path", data_section),
         ("train", train_section),
         ("overhead", overhead_section),
         ("sampling", sampling_section),

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -49,6 +50,24 @@ def _write(results: dict, out_dir: Path) -> None:
     if "protocol" in results.get("quality", {}):
         training_curve(results["quality"], out_dir / "training_curve.png")
     (out_dir / "results.md").write_text(markdown(results))
+
+
+README = OUT_DIR.parent / "README.md"
+QUALITY_BLOCK = re.compile(r"(<!-- bench.quality -->\n).*?(<!-- /bench.quality -->)", re.S)
+
+
+def write_readme_quality(results: dict, readme: Path = README) -> None:
+    """Rewrite the README's block between ``<!-- bench.quality -->`` and its end marker."""
+    from bench.report import readme_quality
+
+    q = results.get("quality", {})
+    if "protocol" not in q:
+        raise SystemExit("--readme: no protocol quality results to render")
+    text = readme.read_text()
+    if not QUALITY_BLOCK.search(text):
+        raise SystemExit(f"--readme: {readme} has no <!-- bench.quality --> block")
+    body = "\n".join(readme_quality(q)).rstrip("\n") + "\n"
+    readme.write_text(QUALITY_BLOCK.sub(lambda m: m.group(1) + body + m.group(2), text))
 
 
 def _gpu_section(log) -> dict:
@@ -112,13 +131,21 @@ def main(argv: list[str] | None = None) -> int:
         help="run only these quality variants (comma-separated), side by side",
     )
     p.add_argument(
+        "--readme",
+        action="store_true",
+        help="also rewrite README.md's quality block from the quality results",
+    )
+    p.add_argument(
         "--render",
         action="store_true",
         help="only re-render results.md and the curve from results.json",
     )
     args = p.parse_args(argv)
     if args.render:
-        _write(json.loads((Path(args.out_dir) / "results.json").read_text()), Path(args.out_dir))
+        results = json.loads((Path(args.out_dir) / "results.json").read_text())
+        _write(results, Path(args.out_dir))
+        if args.readme:
+            write_readme_quality(results)
         return 0
     only = [s for s in args.only.split(",") if s]
     unknown = sorted(set(only) - set(SECTIONS))
@@ -221,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     results["meta"]["runtime_minutes"] = round((time.perf_counter() - t0) / 60, 1)
     results["meta"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     _write(results, Path(args.out_dir))
+    if args.readme:
+        write_readme_quality(results)
     log(
         f"done in {results['meta']['runtime_minutes']} min; wrote {args.out_dir}/results.json, "
         "results.md"

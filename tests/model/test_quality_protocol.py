@@ -196,6 +196,21 @@ def test_bench_quality_smoke_writes_the_protocol_fields(tmp_path):
     assert v["bernoulli_mlp"]["test"]["same_images_as_conv"]["images"] == 16
     assert (tmp_path / "results.md").exists() and (tmp_path / "training_curve.png").exists()
     assert [i["training"] for i in p["invocations"]] == ["ran"]
+    # the README block: each goal's row carries the run's number, and nothing else changes
+    from bench.run import write_readme_quality
+    from tests.helpers import ROOT
+
+    readme = tmp_path / "README.md"
+    readme.write_text((ROOT / "README.md").read_text())
+    write_readme_quality({"quality": q}, readme)
+    text = readme.read_text()
+    mlp, conv = v["bernoulli_mlp"]["test"], v["bernoulli"]["test"]
+    assert "| bernoulli_mlp | binarized NLL, nats (published MLP VAE) | 30 (ran 0.13) | " in text
+    assert f"**{mlp['iwae_nll_nats']:.2f}** | IWAE-20, 500 test images |" in text
+    assert f"**{conv['iwae_nll_nats']:.2f}** | IWAE-20, 16 test images |" in text
+    assert "| <= 3.0 |" not in text  # the 8-bit goal's variant did not run
+    outside = text.split("<!-- bench.quality -->")[0]
+    assert outside == (ROOT / "README.md").read_text().split("<!-- bench.quality -->")[0]
     # stopped and run again: the trained models and every finished test job are kept
     eval_files = sorted((tmp_path / "models" / "eval").glob("*.json"))
     assert len(eval_files) == p["eval"]["jobs"]
@@ -210,3 +225,30 @@ def test_bench_quality_smoke_writes_the_protocol_fields(tmp_path):
         return {n: {**r["test"], "eval_cpu_seconds": 0} for n, r in variants.items()}
 
     assert numbers(again["variants"]) == numbers(v)
+
+
+def test_readme_quality_block_is_the_committed_run(tmp_path):
+    """The README's quality block is what ``make bench-quality`` rendered from the committed
+    ``bench/quality/results.json``; with no protocol run there, it claims no number."""
+    import json
+    import re
+
+    from bench.report import readme_quality
+    from bench.run import QUALITY_BLOCK, write_readme_quality
+    from tests.helpers import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    block = QUALITY_BLOCK.search(readme)
+    assert block, "README.md lacks the <!-- bench.quality --> block"
+    q = json.loads((ROOT / "bench" / "quality" / "results.json").read_text()).get("quality", {})
+    body = block.group(0)
+    if "protocol" not in q:
+        assert "No `make bench-quality` run" in body and not re.search(r"\d nats", body)
+        return
+    assert body == block.group(1) + "\n".join(readme_quality(q)).rstrip("\n") + "\n" + (
+        "<!-- /bench.quality -->"
+    )
+    copy = tmp_path / "README.md"  # and rendering it again changes nothing
+    copy.write_text(readme)
+    write_readme_quality({"quality": q}, copy)
+    assert copy.read_text() == readme

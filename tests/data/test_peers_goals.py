@@ -1,0 +1,47 @@
+"""Issue 16's goal table in bench/peers.md and bench/results.md: the right ratio against the
+right bound, at 2 loader workers."""
+
+from __future__ import annotations
+
+import json
+
+from bench.peers_report import goals
+from bench.report import peers_section
+
+
+def _peers(ratios_w2: dict[str, float]) -> dict:
+    ratios = {f"{k}_w{w}": (v if w == 2 else 9.9) for k, v in ratios_w2.items() for w in (0, 2)}
+    ips = {f"{s}_w{w}": 100.0 for s in ("memory", "project", "litdata", "mds") for w in (0, 2)}
+    runs = {k: [90.0, 100.0, 110.0] for k in ips}
+    d = {"config": {"images": 4096}, "ratios": ratios, "images_per_second": ips}
+    return {
+        "workers": [0, 2],
+        "repeats": 3,
+        "date": "2026-11-30",
+        "load_1min_during": {"max": 1.2},
+        "datasets": {"png28": {**d, "all_repeats": runs}},
+    }
+
+
+def test_goal_rows_compare_each_ratio_with_its_bound():
+    p = _peers({"project_vs_memory": 0.9, "project_vs_litdata": 1.0, "project_vs_mds": 1.01})
+    rows = [r for r in goals(p, s3_vs_local=0.949) if r.startswith("| png28") or "S3" in r]
+    assert rows == [
+        "| png28 | this project / in-memory limit | >= 0.9 | 0.900 | yes |",
+        "| png28 | this project / LitData | > 1.0 | 1.000 | no |",
+        "| png28 | this project / MDS | > 1.0 | 1.010 | yes |",
+        "| (make bench's datasets) | S3 / local shards | >= 0.95 | 0.949 | no |",
+    ]
+
+
+def test_results_md_takes_the_smallest_s3_ratio_and_flags_a_loaded_run(tmp_path):
+    p = _peers({"project_vs_memory": 0.5, "project_vs_litdata": 2.0, "project_vs_mds": 2.0})
+    p["load_1min_during"]["max"] = 5.0
+    path = tmp_path / "peers.json"
+    path.write_text(json.dumps(p))
+    data = {"a": {"ratios": {"s3_vs_local_w2": 0.99}}, "b": {"ratios": {"s3_vs_local_w2": 0.93}}}
+    text = "\n".join(peers_section({"data_path": data}, path))
+    assert "| (make bench's datasets) | S3 / local shards | >= 0.95 | 0.930 | no |" in text
+    assert "| png28 (N=4,096) | 100 (90-110) | 100 (90-110) | 100 (90-110) | 100 (90-110) |" in text
+    assert "establish nothing" in text
+    assert peers_section({"data_path": data}, tmp_path / "absent.json") == []
