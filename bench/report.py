@@ -314,8 +314,11 @@ def readme_quality(q: dict) -> list[str]:
         "",
     ]
     out += _table(["variant", "goal", "CPU-min", "target", "reached", "measured on", "met"], rows)
-    out += quality_section(q)[2:]  # the variants' table, selection trials and protocol line
-    return out
+    # the variants' table, selection trials and protocol line; links relative to the README
+    rest = quality_section(q)[2:]
+    return out + [
+        x.replace("](training_curve.png)", "](bench/quality/training_curve.png)") for x in rest
+    ]
 
 
 def quality_section(q: dict) -> list[str]:
