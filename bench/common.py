@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -170,3 +171,21 @@ class Stopwatch:
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self.t0
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_block_pattern(name: str) -> re.Pattern:
+    """README.md's generated block ``<!-- NAME -->`` ... ``<!-- /NAME -->``."""
+    return re.compile(rf"(<!-- {re.escape(name)} -->\n).*?(<!-- /{re.escape(name)} -->)", re.S)
+
+
+def write_readme_block(name: str, lines: list[str], readme: Path = README) -> None:
+    """Replace the body of README's ``name`` block with ``lines``; an error if it is missing."""
+    pattern = readme_block_pattern(name)
+    text = readme.read_text()
+    if not pattern.search(text):
+        raise SystemExit(f"{readme} has no <!-- {name} --> block")
+    body = "\n".join(lines).rstrip("\n") + "\n"
+    readme.write_text(pattern.sub(lambda m: m.group(1) + body + m.group(2), text))

@@ -257,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / f"{stem}.md").write_text(markdown(results))
     print(f"wrote {out / stem}.json and .md")
+    if not args.quick and out.resolve() == (ROOT / "bench").resolve():
+        from bench.common import write_readme_block
+        from bench.peers_report import readme_block
+
+        write_readme_block("bench.peers", readme_block(results))
+        print("rewrote README.md's bench.peers block")
     return 0
 
 

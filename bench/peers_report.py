@@ -172,3 +172,17 @@ def markdown(r: dict) -> str:
             rows.append([name, NAMES[s], *(f"{fb[f'{s}_w{w}']:.2f}" for w in workers)])
     out += _table(["dataset", "loader", *(f"workers={w}" for w in workers)], rows)
     return "\n".join(out) + "\n"
+
+
+def readme_block(r: dict) -> list[str]:
+    """README's ``bench.peers`` block: issue 16's goals from this run, with its provenance."""
+    during = r["load_1min_during"]
+    return [
+        f"From `make bench-peers` ({r.get('date', 'date not recorded')}, commit "
+        f"`{str(r.get('git', '?'))[:10]}`; {r['repeats']} interleaved repetitions of whole "
+        f"epochs, worker start-up included; 1-min load {during['min']:.1f}-{during['max']:.1f}"
+        f"{', shared with other work: these ratios establish nothing' if loaded(r) else ''}), "
+        "ratios of medians at 2 loader workers, shuffle on:",
+        "",
+        *goals(r),
+    ]

@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -52,22 +51,18 @@ def _write(results: dict, out_dir: Path) -> None:
     (out_dir / "results.md").write_text(markdown(results))
 
 
-README = OUT_DIR.parent / "README.md"
-QUALITY_BLOCK = re.compile(r"(<!-- bench.quality -->\n).*?(<!-- /bench.quality -->)", re.S)
+QUALITY_BLOCK = "bench.quality"
 
 
-def write_readme_quality(results: dict, readme: Path = README) -> None:
+def write_readme_quality(results: dict, readme: Path | None = None) -> None:
     """Rewrite the README's block between ``<!-- bench.quality -->`` and its end marker."""
+    from bench.common import README, write_readme_block
     from bench.report import readme_quality
 
     q = results.get("quality", {})
     if "protocol" not in q:
         raise SystemExit("--readme: no protocol quality results to render")
-    text = readme.read_text()
-    if not QUALITY_BLOCK.search(text):
-        raise SystemExit(f"--readme: {readme} has no <!-- bench.quality --> block")
-    body = "\n".join(readme_quality(q)).rstrip("\n") + "\n"
-    readme.write_text(QUALITY_BLOCK.sub(lambda m: m.group(1) + body + m.group(2), text))
+    write_readme_block(QUALITY_BLOCK, readme_quality(q), readme or README)
 
 
 def _gpu_section(log) -> dict:

@@ -54,3 +54,17 @@ def test_a_load_the_bench_makes_itself_is_not_flagged():
     for load, flagged in ((2.84, False), (3.5, False), (3.6, True), (8.0, True)):
         p["load_1min_during"]["max"] = load
         assert loaded(p) is flagged, load
+
+
+def test_readme_peers_block_is_the_committed_run():
+    """README's goal table is what ``make bench-peers`` rendered from bench/peers.json."""
+    from bench.common import readme_block_pattern
+    from bench.peers_report import readme_block
+    from tests.helpers import ROOT
+
+    block = readme_block_pattern("bench.peers").search((ROOT / "README.md").read_text())
+    assert block, "README.md lacks the <!-- bench.peers --> block"
+    committed = json.loads((ROOT / "bench" / "peers.json").read_text())
+    assert block.group(0) == (
+        block.group(1) + "\n".join(readme_block(committed)) + "\n" + block.group(2)
+    )

@@ -233,12 +233,13 @@ def test_readme_quality_block_is_the_committed_run(tmp_path):
     import json
     import re
 
+    from bench.common import readme_block_pattern
     from bench.report import readme_quality
     from bench.run import QUALITY_BLOCK, write_readme_quality
     from tests.helpers import ROOT
 
     readme = (ROOT / "README.md").read_text()
-    block = QUALITY_BLOCK.search(readme)
+    block = readme_block_pattern(QUALITY_BLOCK).search(readme)
     assert block, "README.md lacks the <!-- bench.quality --> block"
     q = json.loads((ROOT / "bench" / "quality" / "results.json").read_text()).get("quality", {})
     body = block.group(0)
