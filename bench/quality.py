@@ -123,7 +123,8 @@ def reusable_training(path: Path, key: str) -> dict | None:
 
 
 def test_jobs(variants: dict, settings: Settings) -> list[dict]:
-    """The test-split evaluation jobs: (variant, number, image slice, k), largest first."""
+    """The test-split evaluation jobs: (variant, number, image slice, k), cheapest first, so a
+    run stopped midway has finished as many jobs as it could (each is kept; see the module)."""
     n_test = settings.quality_test_images or 10_000
     shard = settings.iwae_shard
     conv_n = min(settings.iwae_images, n_test)
@@ -151,7 +152,7 @@ def test_jobs(variants: dict, settings: Settings) -> list[dict]:
         j["likelihood"] = r["likelihood"]
     cost = {"mlp": 1, "conv": 100}  # a conv decoder pass costs ~100 MLP passes here
     arch = {n: r["model_config"]["arch"] for n, r in variants.items()}
-    jobs.sort(key=lambda j: -(j["slice"][1] - j["slice"][0]) * j["k"] * cost[arch[j["variant"]]])
+    jobs.sort(key=lambda j: (j["slice"][1] - j["slice"][0]) * j["k"] * cost[arch[j["variant"]]])
     return jobs
 
 
@@ -258,7 +259,10 @@ def _git() -> dict:
         done = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
         return done.stdout.strip()
 
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "bench", "pipeline")
+    # the code only: the run's own outputs (bench/quality/...) are not the code it ran
+    dirty = git(
+        "status", "--porcelain", "--untracked-files=no", "--", ":(glob)bench/**/*.py", "pipeline"
+    )
     return {"commit": git("rev-parse", "HEAD"), "dirty_bench_or_pipeline": bool(dirty)}
 
 
