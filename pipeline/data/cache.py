@@ -102,7 +102,16 @@ class ShardCache:
         """
         name = self.name(url, size, sha256)
         reserved = self._reserve(name, size)
-        if reserved is None:
+        if reserved == "published":  # another worker published it since our lookup missed
+            try:
+                f = open(os.path.join(self.root, name), "rb")  # noqa: SIM115 - caller closes
+            except FileNotFoundError:  # and it was evicted again at once
+                reserved = None
+            else:
+                self.stats.add("cache_misses", -1)  # a hit after all
+                self.stats.add("cache_hits")
+                return f
+        if reserved is None or reserved == "published":
             self.stats.add("cache_bypass")
             return None
         fd, tmp = reserved
@@ -168,12 +177,21 @@ class ShardCache:
         finally:
             os.close(fd)  # releases the lock
 
-    def _reserve(self, name: str, size: int) -> tuple[int, str] | None:
+    def _reserve(self, name: str, size: int) -> tuple[int, str] | str | None:
         """Under the folder lock: make room for ``size`` bytes, then create the temp file
-        (locked, sized) that holds that room. None when it cannot fit."""
+        (locked, sized) that holds that room. None when it cannot fit, or when another
+        worker is downloading the same shard now (a second copy would evict a shard to make
+        room for a duplicate); ``"published"`` when the shard is in the folder already."""
         if size > self.max_bytes:
             return None
         with self._locked():
+            if os.path.exists(os.path.join(self.root, name)):
+                return "published"
+            if any(
+                e.name.startswith(f".{name}{storage.TMP_MARK}") and not _orphaned(e.path)
+                for e in os.scandir(self.root)
+            ):
+                return None
             finals, used = self._scan()
             for path, nbytes in finals:  # oldest first
                 if used + size <= self.max_bytes:

@@ -210,3 +210,33 @@ def test_bad_cache_settings_are_one_line_config_errors(cfg, message):
     with pytest.raises(ConfigError) as e:
         StreamConfig(train_url="s3://b/train", **cfg)
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_a_shard_another_worker_is_fetching_or_has_published_evicts_nothing(tmp_path):
+    """Two loader workers missing the same shard at once: the second neither downloads a
+    duplicate into the cache (which would evict another shard to make room) nor evicts
+    anything; a shard published since its lookup missed is a hit."""
+    import fcntl
+
+    from pipeline import storage
+
+    cache = ShardCache(str(tmp_path), max_bytes=3 * 100)
+    for name in ("a", "b", "c"):  # full: three 100-byte shards
+        (tmp_path / f"{name}.tar").write_bytes(b"x" * 100)
+    in_flight = tmp_path / f".d.tar{storage.TMP_MARK}0123"
+    fd = os.open(in_flight, os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a live download of shard "d" (another worker's)
+    try:
+        assert cache.fill("s3://never/fetched", 100, "d") is None  # streamed, not cached
+    finally:
+        os.close(fd)
+    assert sorted(files_in(tmp_path)) == [in_flight.name, "a.tar", "b.tar", "c.tar"]
+    assert cache.stats.snapshot().get("cache_evicted", 0) == 0
+    assert cache.stats.snapshot()["cache_bypass"] == 1
+
+    cache.stats.add("cache_misses")  # what lookup counted before another worker published
+    with cache.fill("s3://never/fetched", 100, "b") as f:  # published meanwhile: a hit
+        assert f.read() == b"x" * 100
+    counts = cache.stats.snapshot()
+    assert (counts["cache_misses"], counts["cache_hits"], counts.get("opened", 0)) == (0, 1, 0)
+    assert sorted(files_in(tmp_path))[1:] == ["a.tar", "b.tar", "c.tar"]
