@@ -11,8 +11,8 @@ the manifest records none, by a hash of the URL and size), and ``{cache_dir}/.lo
 * The files in the folder never sum past ``max_bytes``: a download reserves its shard's
   size under the folder lock first (its temp file is sized to the shard at once), evicting
   the least recently used shards to make room. A shard that does not fit, even after
-  eviction (larger than ``max_bytes``, or beside other downloads in progress), is streamed
-  without caching.
+  eviction (larger than ``max_bytes``, or beside other downloads in progress), or that
+  another worker is downloading at that moment, is streamed without caching.
 * Loader workers, and ranks on one node, share a folder: the lock is ``flock`` on ``.lock``.
   Readers hold cached shards by file descriptor, so an eviction under them is safe.
 * A hit trusts the final name and checks the size only (the sha256 was checked when the file
