@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import write_readme_block
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT_JSON = ROOT / "bench" / "repeat.json"
 OUT_MD = ROOT / "bench" / "repeat.md"
@@ -267,7 +269,6 @@ BLOCKS = {"bench": bench_block, "demo": demo_block, "ingest": ingest_block}
 
 
 def render(results: dict) -> None:
-    text = README.read_text()
     md = [f"# `make bench-readme` ({results['meta']['date']})", ""]
     for name, block in BLOCKS.items():
         if name not in results:
@@ -283,19 +284,13 @@ def render(results: dict) -> None:
                 + " (2 cores).",
             ]
         md += [f"## {name}", "", *lines, ""]
-        pat = re.compile(
-            rf"(<!-- bench.repeat:{name} -->\n).*?(<!-- /bench.repeat:{name} -->)", re.S
-        )
-        if pat.search(text):
-            body = "\n".join(lines)
-            text = pat.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
+        write_readme_block(f"bench.repeat:{name}", lines, README)
     meta = results["meta"]
     md += [
         f"Machine: {meta['machine']}; load average {meta['load_average_start']} at start, "
         f"{meta['load_average_end']} at end; command `{meta['command']}`; commit {meta['commit']}.",
     ]
     OUT_MD.write_text("\n".join(md) + "\n")
-    README.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
