@@ -13,7 +13,8 @@ UV_VERSION := 0.13.9
 ifeq ($(filter $(TORCH),cpu cuda),)
 $(error TORCH=$(TORCH): use TORCH=cpu (default) or TORCH=cuda)
 endif
-PYTEST_ARGS ?=
+# The suite's 25 slowest tests are listed at the end of `make test`, so CI shows where its time goes.
+PYTEST_ARGS ?= --durations=25
 
 .PHONY: install test test-fast lint up down status demo bench bench-quality bench-ingest bench-readme bench-peers bench-peers-venv bench-peers-lock gpu-check gpu-device clean help
 
