@@ -16,7 +16,7 @@ endif
 # The suite's 25 slowest tests are listed at the end of `make test`, so CI shows where its time goes.
 PYTEST_ARGS ?= --durations=25
 
-.PHONY: install test test-fast lint up down status demo bench bench-quality bench-ingest bench-readme bench-peers bench-peers-venv bench-peers-lock gpu-check gpu-device clean help
+.PHONY: install test test-fast lint up down status demo bench bench-quality bench-ingest bench-scale-e2e bench-readme bench-peers bench-peers-venv bench-peers-lock gpu-check gpu-device clean help
 
 help:
 	@echo "make demo   - install, start the local stack, ingest Fashion-MNIST, train (2 workers), sample"
@@ -29,6 +29,9 @@ help:
 	@echo "make bench  - benchmarks; results in bench/results.json and README"
 	@echo "make bench-peers - the data path beside LitData and MosaicML Streaming (own venv), ~23 min on 2 loaded cores"
 	@echo "make bench-readme - the README's numbers from 3 runs each (bench, demo, ingest), ~35 min"
+	@echo "make bench-quality - the model-quality table (issue 17's protocol), resumable, ~2.5 h on 2 cores"
+	@echo "make bench-ingest - 1M images ingested, killed midway and re-run"
+	@echo "make bench-scale-e2e [SCALE_IMAGES=N] - 64x64 end to end (S3, 2 Ray workers, one epoch): RSS, data wait"
 	@echo "make gpu-check - the GPU path end to end (<= 8 min on one GPU; on CPU, CUDA-only checks skipped)"
 	@echo "make gpu-device - the CUDA path and the sizing table with torch alone (no Ray/MLflow/S3), ~3 min on one GPU"
 
@@ -99,12 +102,19 @@ gpu-check: install
 gpu-device: install
 	$(BIN)/python -m bench.gpu_device
 
-# Ingest at scale: 1M synthetic images, killed midway and re-run (issue 16); bench/ingest_scale.json
 bench-readme: install
 	$(BIN)/python -m bench.repeat
 
+# Ingest at scale: 1M synthetic images, killed midway and re-run (issue 16); bench/ingest_scale.json
 bench-ingest: install
 	$(BIN)/python -m bench.ingest_scale
+
+# End to end at 64x64 (issue 16): SCALE_IMAGES structured RGB JPEGs ingested to a private S3,
+# one epoch of the "64" preset on 2 Ray Train workers streaming from it, every worker's RSS
+# and rank 0's data wait; bench/scale_e2e.json. The preset trains at ~25 img/s on 2 CPUs.
+SCALE_IMAGES ?= 200000
+bench-scale-e2e: install
+	$(BIN)/python -m bench.scale_e2e --images $(SCALE_IMAGES) --out bench
 
 # The model-quality table under issue 17's protocol: the variants the goals name side by side
 # (QUALITY_VARIANTS; laplace and gaussian are the other two), QUALITY_MINUTES CPU-min each

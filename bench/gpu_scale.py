@@ -29,11 +29,12 @@ import torch
 from bench.gpu_device import build_job, log
 
 
-def ingest_jpeg(root: Path, n: int, workers: int) -> tuple[str, float]:
+def ingest_jpeg(url: str, n: int, workers: int, shard_samples: int = 10_000) -> float:
+    """``n`` structured 64x64 RGB training images (+ 512 test) as JPEG shards at ``url``;
+    returns the seconds it took."""
     from pipeline.data.config import IngestConfig
     from pipeline.data.ingest import ingest
 
-    url = str(root / "synthetic64")
     t0 = time.perf_counter()
     ingest(
         IngestConfig(
@@ -44,40 +45,50 @@ def ingest_jpeg(root: Path, n: int, workers: int) -> tuple[str, float]:
             synthetic_mode="RGB",
             encoding="jpeg",
             test_fraction=512 / (n + 512),
-            shard_samples=10_000,
+            shard_samples=shard_samples,
             workers=workers,
         ),
         progress=False,
     )
-    return url, time.perf_counter() - t0
+    return time.perf_counter() - t0
 
 
 class MemorySampler(threading.Thread):
-    """RSS of this process and of each child (loader workers), every ``every`` seconds,
-    tagged with the step the loop has reached."""
+    """RSS of each root process and of each of its children (loader workers), every ``every``
+    seconds: ``(step, unix time, {name: bytes})``, ``step`` being the step the loop has reached.
 
-    def __init__(self, every: float = 0.5):
+    ``roots`` lists the processes to watch, by name; by default this process, as ``main``.
+    """
+
+    def __init__(self, every: float = 0.5, roots=None):
         super().__init__(daemon=True)
         self.every, self.step, self.samples = every, 0, []
         self.stop = threading.Event()
-        self.me = psutil.Process()
+        me = psutil.Process()
+        self.roots = roots or (lambda: {"main": me})
 
     def run(self) -> None:
         while not self.stop.is_set():
-            rss = {"main": self.me.memory_info().rss}
-            for c in self.me.children(recursive=True):
+            rss = {}
+            for name, proc in self.roots().items():
                 try:
-                    rss[f"pid{c.pid}"] = c.memory_info().rss
+                    rss[name] = proc.memory_info().rss
+                    children = proc.children(recursive=True)
                 except psutil.Error:
-                    pass
-            self.samples.append((self.step, rss))
+                    continue
+                for c in children:
+                    try:
+                        rss[f"{name}/pid{c.pid}"] = c.memory_info().rss
+                    except psutil.Error:
+                        pass
+            self.samples.append((self.step, time.time(), rss))
             self.stop.wait(self.every)
 
 
 def quarters(samples: list, total: int) -> dict:
     """Per process: mean RSS (MiB) in the first and last quarter of the steps, and growth."""
-    first = [r for s, r in samples if 0 < s <= total // 4]
-    last = [r for s, r in samples if s > total - total // 4]
+    first = [r for s, _, r in samples if 0 < s <= total // 4]
+    last = [r for s, _, r in samples if s > total - total // 4]
     out = {}
     for name in sorted({k for r in first for k in r} & {k for r in last for k in r}):
         a = statistics.mean(r[name] for r in first if name in r) / 2**20
@@ -104,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     cpus = os.cpu_count() or 2
     loaders = max(1, min(12, cpus - 2))
     res: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "cpus": cpus}
-    url, secs = ingest_jpeg(out / "data", args.images, workers=cpus)
+    url = str(out / "data" / "synthetic64")
+    secs = ingest_jpeg(url, args.images, workers=cpus)
     res["ingest"] = {"images": args.images + 512, "seconds": round(secs, 1)}
     res["ingest"]["images_per_second"] = round((args.images + 512) / secs)
     log(

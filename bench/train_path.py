@@ -39,16 +39,23 @@ def ingest_fmnist(s3_url: str, count: int) -> str:
 
 
 def make_job(
-    train_url: str, stack: BenchStack, name: str, workers: int, settings: Settings
+    train_url: str,
+    stack: BenchStack,
+    name: str,
+    workers: int,
+    settings: Settings,
+    model: dict | None = None,
+    **optim,
 ) -> TrainJob:
-    """The pipeline's job for ``workers`` Ray Train workers at global batch ``settings.batch``."""
+    """The pipeline's job for ``workers`` Ray Train workers at global batch ``settings.batch``;
+    ``model`` replaces the bench's model, ``optim`` overrides optimizer settings."""
     from pipeline.model import PRESETS
 
     return build(
         TrainJob,
         {
             "data": {"train_url": train_url, "num_workers": settings.loader_workers},
-            "model": dict(PRESETS[MODEL], likelihood=LIKELIHOOD),
+            "model": model or dict(PRESETS[MODEL], likelihood=LIKELIHOOD),
             "optim": {
                 "epochs": 1,
                 "max_steps": settings.train_steps,
@@ -61,6 +68,7 @@ def make_job(
                 "eval_batches": 1,
                 "iwae_k": 1,
                 "iwae_images": 1,
+                **optim,
             },
             "scaling": {
                 "num_workers": workers,
@@ -98,9 +106,19 @@ def pipeline_run(job: TrainJob, stack: BenchStack) -> dict:
 
     ips, wait = series("images_per_second"), series("data_wait_fraction")
     return {
+        "run_id": res.run_id,
+        "steps_done": res.metrics.get("step"),
         "images_per_second": rnd(median(later_half(ips))),
         "data_wait_fraction": round(median(later_half(wait)), 3),
         "windows": [rnd(v) for v in ips],
+        "data_wait_windows": [round(v, 3) for v in wait],
+        # [step, unix ms when rank 0 logged it, loss]
+        "loss_log": [
+            [m.step, m.timestamp, rnd(m.value)]
+            for m in sorted(
+                client.get_metric_history(res.run_id, metric_key("loss")), key=lambda m: m.step
+            )
+        ],
         "wall_seconds": rnd(t.seconds),
         "cpu_seconds_by_process": cpu.seconds,
         "cpu_seconds_by_name": cpu.by_name,
