@@ -29,10 +29,13 @@ import numpy as np
 import psutil
 
 from bench.common import Settings, rnd
-from bench.gpu_device import log
 from bench.gpu_scale import MemorySampler, ingest_jpeg, quarters
 from bench.stack import BenchStack
 from bench.train_path import make_job, pipeline_run
+
+
+def log(message: str) -> None:
+    print(f"[scale-e2e {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def ray_train_workers() -> dict[str, psutil.Process]:
