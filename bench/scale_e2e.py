@@ -9,11 +9,12 @@ resident memory (RSS) of every Ray Train worker and of each of its loader worker
 every 0.5 s from outside: the mean over the first and the last quarter of the epoch and the
 growth between them (the issue's bound: under 10%).
 
-The issue's run is 200,000 images. On 2 CPUs the ``64`` preset trains at about 25 img/s, so
-a smaller ``--images`` is what fits there; the output states the count.
+The issue's run is 200,000 images. On 2 CPUs the ``64`` preset trains at about 18 img/s
+(``bench/scale_e2e.json``), so a smaller ``--images`` is what fits there; the output states
+the count.
 
     python -m bench.scale_e2e --images 200000 --out DIR      # a machine with the cores
-    python -m bench.scale_e2e --images 4096 --out DIR        # ~10 min on 2 CPUs
+    python -m bench.scale_e2e --images 4096 --out DIR        # ~6 min on 2 CPUs
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         shard = min(10_000, max(256, args.images // 16))
         secs = ingest_jpeg(url, args.images, workers=psutil.cpu_count() or 2, shard_samples=shard)
         res["ingest"] = {
-            "url": "s3://scale/synthetic64",
+            "url": url,
             "images": args.images + 512,
             "shard_samples": shard,
             "seconds": rnd(secs),
