@@ -98,6 +98,16 @@ def quarters(samples: list, total: int) -> dict:
     return out
 
 
+def print_rss(mem: dict) -> float:
+    """One line per process of :func:`quarters`' result; returns the largest growth."""
+    for name, v in mem.items():
+        print(
+            f"rss {name}: {v['first_quarter_mib']:.0f} -> {v['last_quarter_mib']:.0f} MiB "
+            f"({v['growth']:+.1%}) first vs last quarter of the epoch"
+        )
+    return max((v["growth"] for v in mem.values()), default=float("nan"))
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipeline.data.stream import ShardStream, make_loader
     from pipeline.model import PRESETS, VAE
@@ -178,12 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{e['images_per_second']:,} img/s incl. start-up, data wait {e['data_wait_fraction']:.1%}, "
         f"{e['loader_workers']} loader workers, loss {e['loss_first10']} -> {e['loss_last10']}"
     )
-    worst = max((v["growth"] for v in mem.values()), default=float("nan"))
-    for name, v in mem.items():
-        print(
-            f"rss {name}: {v['first_quarter_mib']:.0f} -> {v['last_quarter_mib']:.0f} MiB "
-            f"({v['growth']:+.1%}) first vs last quarter of the epoch"
-        )
+    worst = print_rss(mem)
     ok = len(mem) >= loaders + 1 and worst < 0.10 and e["steps"] == total  # + forkserver
     print(f"gpu-scale: {'PASS' if ok else 'FAIL'} (largest RSS growth {worst:+.1%}, bound +10%)")
     return 0 if ok else 1

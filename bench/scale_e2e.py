@@ -30,7 +30,7 @@ import numpy as np
 import psutil
 
 from bench.common import Settings, rnd
-from bench.gpu_scale import MemorySampler, ingest_jpeg, quarters
+from bench.gpu_scale import MemorySampler, ingest_jpeg, print_rss, quarters
 from bench.stack import BenchStack
 from bench.train_path import make_job, pipeline_run
 
@@ -139,12 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{min(e['data_wait_windows']):.1%}-{max(e['data_wait_windows']):.1%}), "
         f"loss {e['loss_log'][0][2]} -> {e['loss_log'][-1][2]}"
     )
-    for name, v in mem.items():
-        print(
-            f"rss {name}: {v['first_quarter_mib']:.0f} -> {v['last_quarter_mib']:.0f} MiB "
-            f"({v['growth']:+.1%}) first vs last quarter of the epoch"
-        )
-    worst = max((v["growth"] for v in mem.values()), default=float("nan"))
+    worst = print_rss(mem)
     ok = len([k for k in mem if "/" not in k]) == args.workers and worst < 0.10
     print(f"scale-e2e: {'PASS' if ok else 'FAIL'} (largest RSS growth {worst:+.1%}, bound +10%)")
     print(f"wrote {out / 'scale_e2e.json'}")
