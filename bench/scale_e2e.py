@@ -34,6 +34,8 @@ from bench.gpu_scale import MemorySampler, ingest_jpeg, print_rss, quarters
 from bench.stack import BenchStack
 from bench.train_path import make_job, pipeline_run
 
+LOG_EVERY = 5  # steps between rank 0's MLflow points, which date the RSS samples
+
 
 def log(message: str) -> None:
     print(f"[scale-e2e {time.strftime('%H:%M:%S')}] {message}", flush=True)
@@ -59,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=64, help="global batch")
     ap.add_argument("--out", default=tempfile.mkdtemp(prefix="scale-e2e-"))
     args = ap.parse_args(argv)
+    if args.images // args.batch < 8 * LOG_EVERY:  # quarters need a few logged steps each
+        ap.error(
+            f"--images {args.images} is {args.images // args.batch} steps of {args.batch}; the "
+            f"RSS quarters need at least {8 * LOG_EVERY} (--images {8 * LOG_EVERY * args.batch})"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res: dict = {
@@ -97,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             model=dict(PRESETS["64"]),
             max_steps=0,
             epochs=1,
-            log_every=5,
+            log_every=LOG_EVERY,
         )
         sampler = MemorySampler(roots=ray_train_workers)
         sampler.start()
