@@ -111,7 +111,7 @@ class ShardCache:
                 self.stats.add("cache_misses", -1)  # a hit after all
                 self.stats.add("cache_hits")
                 return f
-        if reserved is None or reserved == "published":
+        if reserved is None:
             self.stats.add("cache_bypass")
             return None
         fd, tmp = reserved
