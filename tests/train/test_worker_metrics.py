@@ -23,6 +23,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> int:
+    """A base port such that ``base .. base + n - 1`` are all free on 127.0.0.1 now (an
+    ephemeral port's neighbour may belong to another process, e.g. a Ray worker)."""
+    for _ in range(100):
+        socks = []
+        try:
+            base = free_port()
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports on 127.0.0.1")
+
+
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         return r.read().decode()
@@ -33,7 +53,7 @@ def job(**tracking) -> TrainJob:
 
 
 def test_local_ranks_serve_consecutive_ports_from_the_configured_base(tmp_path):
-    base = free_port()
+    base = free_ports(2)
     cfg = job(metrics_port=base, metrics_host="127.0.0.1", metrics_sd_dir=str(tmp_path))
     m0, m1 = open_metrics(cfg, rank=4, local_rank=0), open_metrics(cfg, rank=5, local_rank=1)
     try:
