@@ -1,6 +1,6 @@
 """Read samples by index out of tar shards, streaming through :mod:`pipeline.storage`.
 
-Members are grouped into samples by webdataset's ``group_by_keys``; the members come from
+Members are grouped into samples as webdataset's ``group_by_keys`` does; the members come from
 :func:`ustar_files`, a strict ustar parser ~8x faster than ``tarfile`` on small images, or,
 for tars using pax/GNU extensions, from webdataset's ``tar_file_iterator``. A shard stays
 open between calls so consecutive blocks of the plan continue where the last stopped, and,
@@ -40,10 +40,11 @@ class UnsupportedTar(Exception):
 
 _NUL = b"\0"
 _SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
+_BASE_PLUS_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$").match  # webdataset's base_plus_ext
 
 
-def ustar_files(stream) -> Iterator[dict]:
-    """``{"fname", "data"}`` per regular member of a plain ustar stream, ~8x faster than
+def ustar_files(stream) -> Iterator[tuple[str, bytes]]:
+    """``(name, data)`` per regular member of a plain ustar stream, ~8x faster than
     ``tarfile`` (what ``webdataset.tariterators.tar_file_iterator`` uses) on small members.
 
     Raises:
@@ -58,7 +59,10 @@ def ustar_files(stream) -> Iterator[dict]:
         if len(header) < 512:
             raise tarfile.ReadError("unexpected end of data")
         checksum = header[148:156].split(_NUL, 1)[0].strip()
-        if not checksum or int(checksum, 8) != sum(header[:148]) + 256 + sum(header[156:]):
+        # the sum of the header's bytes with the checksum field read as 8 spaces; NULs add
+        # nothing, so summing what translate() leaves is exact and ~3x faster
+        total = sum(header.translate(None, _NUL)) - sum(header[148:156].translate(None, _NUL))
+        if not checksum or int(checksum, 8) != total + 256:
             raise tarfile.ReadError("bad checksum in a tar header")
         kind = header[156:157]
         if kind in (b"x", b"g", b"L", b"K") or header[124] & 0x80:
@@ -72,16 +76,44 @@ def ustar_files(stream) -> Iterator[dict]:
             raise tarfile.ReadError("unexpected end of data")
         fname = name.decode("utf-8", "surrogateescape")
         if kind in (b"0", _NUL) and not _SKIP_META.match(fname):
-            yield {"fname": fname, "data": data[:size]}
+            yield fname, data[:size] if len(data) != size else data
+
+
+def group_members(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict]:
+    """webdataset's ``group_by_keys`` (``base_plus_ext`` keys, lower-cased suffixes) over
+    ``(name, data)`` pairs, without its per-member dicts.
+
+    Raises:
+        ValueError: a suffix twice in one sample, as ``group_by_keys`` does.
+    """
+    sample: dict | None = None
+    for fname, data in members:
+        match = _BASE_PLUS_EXT(fname)
+        if match is None:
+            continue
+        prefix, suffix = match.groups()
+        suffix = suffix.lower()
+        if sample is None or prefix != sample["__key__"]:
+            if sample is not None:
+                yield sample
+            sample = {"__key__": prefix, "__url__": url}
+        if suffix in sample:
+            raise ValueError(f"{fname}: duplicate file name in tar file {suffix} {sample.keys()}")
+        sample[suffix] = data
+    if sample is not None:
+        yield sample
 
 
 def tar_samples(stream, url: str, fast: bool = True) -> Iterator[dict]:
     """Samples of one tar stream: ``{"__key__", "__url__", <suffix>: bytes, ...}``.
 
-    Members are grouped by webdataset's ``group_by_keys``; ``fast=False`` also parses with
-    webdataset (``tar_file_iterator``), for tars :func:`ustar_files` does not support.
+    ``fast``: :func:`ustar_files` grouped by :func:`group_members`; ``fast=False``:
+    webdataset's ``tar_file_iterator`` and ``group_by_keys``, for tars :func:`ustar_files`
+    does not support. Both give the same samples (``tests/data/test_bad.py``).
     """
-    members = ustar_files(stream) if fast else tariterators.tar_file_iterator(stream)
+    if fast:
+        return group_members(ustar_files(stream), url)
+    members = tariterators.tar_file_iterator(stream)
     return tariterators.group_by_keys({**f, "__url__": url} for f in members)
 
 
@@ -251,11 +283,15 @@ class ShardReader:
                 return
             attempt = 0
             i += 1
-            try:  # a key like "../x" or "/x" is hostile even though nothing is written to disk
-                check_member_name(url, sample.get("__key__", ""))
-            except DataError as e:
-                yield {"bad": "unsafe_name", "detail": str(e), "key": "", "url": url}
-                continue
+            key = sample.get("__key__", "")
+            # a key like "../x" or "/x" is hostile even though nothing is written to disk;
+            # a key with none of "..", a leading slash or a drive colon cannot be
+            if ".." in key or key[:1] in ("/", "\\") or key[1:2] == ":":
+                try:
+                    check_member_name(url, key)
+                except DataError as e:
+                    yield {"bad": "unsafe_name", "detail": str(e), "key": "", "url": url}
+                    continue
             yield sample
 
 

@@ -146,10 +146,12 @@ def decode(
         if "bad" in item:
             yield item
             continue
-        key, url, pad = item.get("__key__", ""), item.get("__url__", ""), item.get("__pad__", False)
+        key, pad = item.get("__key__", ""), item.get("__pad__", False)
         try:
-            suffix = next((s for s in IMAGE_SUFFIXES if s in item), None)
-            if suffix is None:
+            for suffix in IMAGE_SUFFIXES:
+                if suffix in item:
+                    break
+            else:
                 members = sorted(k for k in item if not k.startswith("__"))
                 raise BadSample("no_image", f"members {members}")
             rng = None
@@ -157,12 +159,14 @@ def decode(
                 rng = np.random.default_rng([seed % 2**63, epoch, item.get("__pos__", 0)])
             image = decode_image(item[suffix], size, channels, resize, crop, max_pixels, rng, draft)
             label = -1
-            if "cls" in item:
+            cls = item.get("cls")
+            if cls is not None:
                 try:
-                    label = int(item["cls"].decode().strip())
+                    label = int(cls)  # int() takes ASCII digit bytes, spaces around them too
                 except (ValueError, UnicodeDecodeError):
-                    raise BadSample("bad_label", repr(item["cls"][:20])) from None
+                    raise BadSample("bad_label", repr(cls[:20])) from None
         except BadSample as e:
+            url = item.get("__url__", "")
             yield {"bad": e.reason, "detail": str(e), "key": key, "url": url, "pad": pad}
             continue
         yield {"image": image, "label": label, "key": key, "pad": pad}

@@ -230,3 +230,31 @@ def test_budget_counts_follow_ranks_across_world_sizes(bad_split):
     for s in three:
         s.load_state_dict(state)
     assert [s.bad_counts() for s in three] == [counts[0], counts[1], {}]
+
+
+def test_fast_grouping_matches_webdatasets_on_awkward_names():
+    # directories, dots in directories, upper-case and multi-part suffixes, a name with no
+    # suffix, a hidden file, meta members, a key repeated after another key: group_members
+    # must group exactly as webdataset's group_by_keys does
+    members = [
+        ("a/b.c/img.PNG", b"1"),
+        ("a/b.c/img.cls", b"2"),
+        ("noext", b"3"),
+        ("dir/.hidden", b"4"),
+        ("__meta__/x.png", b"5"),  # skipped, as webdataset skips meta members
+        ("x.seg.png", b"6"),
+        ("x.json", b"7"),
+        ("y.png", b"8"),
+        ("x.cls", b"9"),  # x again after y: a new sample, as in webdataset
+    ]
+    data = tar_bytes([members])
+    fast = list(tar_samples(io.BytesIO(data), "u", fast=True))
+    slow = list(tar_samples(io.BytesIO(data), "u", fast=False))
+    assert fast == slow
+    assert [s["__key__"] for s in fast] == ["a/b.c/img", "dir/", "x", "y", "x"]
+    assert fast[0] == {"__key__": "a/b.c/img", "__url__": "u", "png": b"1", "cls": b"2"}
+    assert fast[2] == {"__key__": "x", "__url__": "u", "seg.png": b"6", "json": b"7"}
+    duplicate = tar_bytes([[("k.png", b"1"), ("k.PNG", b"2")]])
+    for fast_flag in (True, False):
+        with pytest.raises(ValueError, match="duplicate file name"):
+            list(tar_samples(io.BytesIO(duplicate), "u", fast=fast_flag))
