@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from functools import partial
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import storage
@@ -507,6 +509,9 @@ def __getattr__(name: str):
 
 def worker_init(environ: dict, worker_id: int) -> None:
     storage.inherit_environ(environ)
+    # a loader worker is this package's own process: Pillow's warning for an image past
+    # Image.MAX_IMAGE_PIXELS is noise here (max_pixels decides; the stream counts the skip)
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def as_is(batch: dict) -> dict:
