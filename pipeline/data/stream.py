@@ -407,15 +407,13 @@ class ShardStream(IterableDataset):
     ) -> Iterator[dict]:
         """Raw samples of plan ranges, in plan order, one per position (bad ones marked)."""
         for lo, hi, pad, q, sorted_q, shards, indices in cls._fetches(plan, work):
-            fetched: dict[int, dict] = {}
+            fetched: list[dict] = []  # in sorted_q's order
             for start, end in _runs(shards):
-                wanted = indices[start:end].tolist()
-                for qi, sample in zip(
-                    sorted_q[start:end].tolist(), reader.read(int(shards[start]), wanted)
-                ):
-                    fetched[qi] = sample
-            for pos, qi in zip(range(lo, hi), q.tolist()):
-                sample = fetched[qi]
+                fetched += reader.read(int(shards[start]), indices[start:end].tolist())
+            # each position's sample: the first of its equals in sorted_q (a padded remainder
+            # can repeat a position; every copy is the same sample)
+            for pos, at in zip(range(lo, hi), np.searchsorted(sorted_q, q).tolist()):
+                sample = fetched[at]
                 if "bad" in sample:
                     yield {**sample, "pad": pad}
                 else:

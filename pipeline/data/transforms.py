@@ -196,6 +196,10 @@ def fill_bad(batches: Iterable[list[dict]], *, shape: tuple[int, int, int]) -> I
     """
     last_good = {"image": np.zeros(shape, np.uint8), "label": -1, "key": ""}
     for batch in batches:
+        if not any("bad" in x for x in batch):  # the common case, in one pass
+            last_good = batch[-1]
+            yield {"items": batch, "skipped": []}
+            continue
         good = [x for x in batch if "bad" not in x]
         skipped = [{k: x[k] for k in ("bad", "detail", "key", "url")} for x in batch if "bad" in x]
         if good:
