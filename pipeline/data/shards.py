@@ -19,6 +19,7 @@ import logging
 import re
 import tarfile
 import time
+import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator
 
@@ -43,6 +44,17 @@ _SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
 _BASE_PLUS_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$").match  # webdataset's base_plus_ext
 
 
+def header_checksum(header: bytes) -> int:
+    """The ustar checksum of a 512-byte header: the sum of its bytes, the checksum field
+    counted as 8 spaces.
+
+    Adler-32's low half is 1 + the byte sum mod 65521, and a 256-byte half sums to at most
+    65,280, so per half it is the exact sum, ~4x faster than ``sum()`` over the bytes.
+    """
+    halves = (zlib.adler32(header[:256]) & 0xFFFF) + (zlib.adler32(header[256:]) & 0xFFFF)
+    return halves - 2 - sum(header[148:156]) + 8 * 32
+
+
 def ustar_files(stream) -> Iterator[tuple[str, bytes]]:
     """``(name, data)`` per regular member of a plain ustar stream, ~8x faster than
     ``tarfile`` (what ``webdataset.tariterators.tar_file_iterator`` uses) on small members.
@@ -59,10 +71,7 @@ def ustar_files(stream) -> Iterator[tuple[str, bytes]]:
         if len(header) < 512:
             raise tarfile.ReadError("unexpected end of data")
         checksum = header[148:156].split(_NUL, 1)[0].strip()
-        # the sum of the header's bytes with the checksum field read as 8 spaces; NULs add
-        # nothing, so summing what translate() leaves is exact and ~3x faster
-        total = sum(header.translate(None, _NUL)) - sum(header[148:156].translate(None, _NUL))
-        if not checksum or int(checksum, 8) != total + 256:
+        if not checksum or int(checksum, 8) != header_checksum(header):
             raise tarfile.ReadError("bad checksum in a tar header")
         kind = header[156:157]
         if kind in (b"x", b"g", b"L", b"K") or header[124] & 0x80:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import random
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from pipeline.data.config import StreamConfig
 from pipeline.data.errors import BadDataError
 from pipeline.data.manifest import Manifest, ShardInfo, write_manifest
-from pipeline.data.shards import tar_samples
+from pipeline.data.shards import header_checksum, tar_samples
 from pipeline.data.stream import ShardStream, make_loader
 from tests.helpers import bomb_png, gray_png, tar_bytes
 
@@ -258,3 +259,23 @@ def test_fast_grouping_matches_webdatasets_on_awkward_names():
     for fast_flag in (True, False):
         with pytest.raises(ValueError, match="duplicate file name"):
             list(tar_samples(io.BytesIO(duplicate), "u", fast=fast_flag))
+
+
+def test_header_checksum_is_tarfiles_sum():
+    rng = random.Random(5)
+    headers = [bytes(rng.getrandbits(8) for _ in range(512)) for _ in range(200)]
+    headers += [b"\xff" * 512, b"\0" * 512, tar_bytes([[("k.png", b"x")]])[:512]]
+    for header in headers:
+        assert header_checksum(header) == sum(header[:148]) + 8 * 32 + sum(header[156:])
+
+
+def test_a_corrupt_tar_header_ends_the_shard():
+    data = bytearray(tar_bytes([good(f"k{i}", i) for i in range(6)]))
+    with tarfile.open(fileobj=io.BytesIO(bytes(data))) as t:
+        offset = t.getmember("k3.png").offset
+    data[offset + 2] ^= 0x01  # one bit of k3.png's name: its header's checksum no longer holds
+    got = []
+    with pytest.raises(tarfile.ReadError, match="bad checksum"):
+        for sample in tar_samples(io.BytesIO(bytes(data)), "u"):
+            got.append(sample["__key__"])
+    assert got == ["k0", "k1"]  # k2 was still being assembled when the tar broke
