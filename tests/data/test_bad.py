@@ -10,13 +10,16 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from pipeline.data.config import StreamConfig
 from pipeline.data.errors import BadDataError
 from pipeline.data.manifest import Manifest, ShardInfo, write_manifest
 from pipeline.data.shards import header_checksum, tar_samples
 from pipeline.data.stream import ShardStream, make_loader
+from pipeline.data.transforms import decode_image
 from tests.helpers import bomb_png, gray_png, tar_bytes
 
 SIZE = 6
@@ -279,3 +282,13 @@ def test_a_corrupt_tar_header_ends_the_shard():
         for sample in tar_samples(io.BytesIO(bytes(data)), "u"):
             got.append(sample["__key__"])
     assert got == ["k0", "k1"]  # k2 was still being assembled when the tar broke
+
+
+def test_an_image_under_another_formats_suffix_still_decodes():
+    # the suffix's format is tried first (faster), then every format: a JPEG named .png
+    buf = io.BytesIO()
+    Image.new("L", (SIZE, SIZE), 77).save(buf, "JPEG")
+    args = ((SIZE, SIZE), 1, False, "none", 10**6)
+    as_png = decode_image(buf.getvalue(), *args, suffix="png")
+    assert np.array_equal(as_png, decode_image(buf.getvalue(), *args, suffix="jpg"))
+    assert abs(int(as_png.mean()) - 77) <= 1
