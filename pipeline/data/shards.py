@@ -40,6 +40,8 @@ class UnsupportedTar(Exception):
 
 
 _NUL = b"\0"
+_ZERO_BLOCK = _NUL * 512
+PARSE_CHUNK = 1 << 20  # bytes ustar_files reads at a time
 _SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
 _BASE_PLUS_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$").match  # webdataset's base_plus_ext
 
@@ -55,21 +57,43 @@ def header_checksum(header: bytes) -> int:
     return halves - 2 - sum(header[148:156]) + 8 * 32
 
 
-def ustar_files(stream) -> Iterator[tuple[str, bytes]]:
+def ustar_files(stream, chunk: int = PARSE_CHUNK) -> Iterator[tuple[str, bytes]]:
     """``(name, data)`` per regular member of a plain ustar stream, ~8x faster than
     ``tarfile`` (what ``webdataset.tariterators.tar_file_iterator`` uses) on small members.
+
+    The stream is read ``chunk`` bytes at a time (more for a larger member) and the headers
+    and members are sliced out of that buffer: ~1 us a sample less than two ``read()`` calls
+    per member through fsspec's file object. At most ``chunk`` + one member is buffered.
 
     Raises:
         tarfile.ReadError: truncated data or a header with a bad checksum.
         UnsupportedTar: pax or GNU extension headers, base-256 sizes.
     """
     read = stream.read
+    buf, pos = b"", 0
+
+    def have(n: int) -> int:
+        """Bytes buffered from ``pos`` after reading until ``n`` (or the stream's end)."""
+        nonlocal buf, pos
+        parts = [buf[pos:]]
+        got = len(parts[0])
+        while got < n:
+            more = read(max(chunk, n - got))
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        buf, pos = b"".join(parts), 0
+        return got
+
     while True:
-        header = read(512)
-        if not header or header == _NUL * 512:
-            return  # end of archive (a tar cut at a member boundary ends here too)
-        if len(header) < 512:
+        if len(buf) - pos < 512 and have(512) < 512:
+            if not buf:
+                return  # end of archive (a tar cut at a member boundary ends here too)
             raise tarfile.ReadError("unexpected end of data")
+        header = buf[pos : pos + 512]
+        if header == _ZERO_BLOCK:
+            return
         checksum = header[148:156].split(_NUL, 1)[0].strip()
         if not checksum or int(checksum, 8) != header_checksum(header):
             raise tarfile.ReadError("bad checksum in a tar header")
@@ -80,12 +104,15 @@ def ustar_files(stream) -> Iterator[tuple[str, bytes]]:
         name = header[:100].split(_NUL, 1)[0]
         if header[257:262] == b"ustar" and header[345] != 0:
             name = header[345:500].split(_NUL, 1)[0] + b"/" + name
-        data = read((size + 511) & ~511)
-        if len(data) < size:
+        pos += 512
+        padded = (size + 511) & ~511
+        if len(buf) - pos < padded and have(padded) < size:
             raise tarfile.ReadError("unexpected end of data")
+        data = buf[pos : pos + size]
+        pos = min(pos + padded, len(buf))  # a tar cut inside the last padding ends there
         fname = name.decode("utf-8", "surrogateescape")
-        if kind in (b"0", _NUL) and not _SKIP_META.match(fname):
-            yield fname, data[:size] if len(data) != size else data
+        if kind in (b"0", _NUL) and not (fname.startswith("__") and _SKIP_META.match(fname)):
+            yield fname, data
 
 
 def group_members(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict]:

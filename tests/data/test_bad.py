@@ -17,7 +17,7 @@ from PIL import Image
 from pipeline.data.config import StreamConfig
 from pipeline.data.errors import BadDataError
 from pipeline.data.manifest import Manifest, ShardInfo, write_manifest
-from pipeline.data.shards import header_checksum, tar_samples
+from pipeline.data.shards import header_checksum, tar_samples, ustar_files
 from pipeline.data.stream import ShardStream, make_loader
 from pipeline.data.transforms import decode_image
 from tests.helpers import bomb_png, gray_png, tar_bytes
@@ -292,3 +292,27 @@ def test_an_image_under_another_formats_suffix_still_decodes():
     as_png = decode_image(buf.getvalue(), *args, suffix="png")
     assert np.array_equal(as_png, decode_image(buf.getvalue(), *args, suffix="jpg"))
     assert abs(int(as_png.mean()) - 77) <= 1
+
+
+@pytest.mark.parametrize("chunk", [512, 1000, 4096])
+def test_ustar_files_buffering_does_not_change_members_or_cuts(bad_split, chunk):
+    # members straddle the read buffer's edges at these chunk sizes; a cut shard raises at
+    # the same member whatever the buffering
+    url, _ = bad_split
+    whole = Path(url, "shard-000000.tar").read_bytes()
+
+    def members(data: bytes, size: int) -> list:
+        out = []
+        try:
+            out += ustar_files(io.BytesIO(data), size)
+        except tarfile.ReadError as e:
+            out.append(("error", str(e)))
+        return out
+
+    reference = members(whole, 1 << 20)
+    with tarfile.open(fileobj=io.BytesIO(whole)) as t:
+        assert [name for name, _ in reference] == t.getnames()
+    assert members(whole, chunk) == reference
+    for cut in (100, 512, 1500, len(whole) // 2, len(whole) - 1024 - 3):
+        assert members(whole[:cut], chunk) == members(whole[:cut], 1 << 20)
+    assert members(whole[:1500], chunk)[-1] == ("error", "unexpected end of data")
