@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bench.common import Settings, median, ratio, rnd
@@ -227,11 +228,19 @@ def measure(data: dict, settings: Settings) -> dict:
 
 def run(settings: Settings, root: Path, s3_url: str, log=print) -> dict:
     out = {}
-    for name in DATASETS:
-        count = settings.data_count_256 if "256" in name else settings.data_count_28
-        data = prepare(name, count, root, s3_url)
-        out[name] = measure(data, settings)
-        log(f"data {name}: {out[name]['images_per_second']}")
+    # The consumer (this process) only casts batches, as a GPU loop's host thread does: with
+    # torch's default intra-op pool each cast wakes a thread that then spins, taking a core
+    # from the loader workers on 2 cores (bench.peers_runner.serve measured it).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name in DATASETS:
+            count = settings.data_count_256 if "256" in name else settings.data_count_28
+            data = prepare(name, count, root, s3_url)
+            out[name] = measure(data, settings)
+            log(f"data {name}: {out[name]['images_per_second']}")
+    finally:
+        torch.set_num_threads(threads)
     # the draft decode section stays out of this dict: bench.report reads every entry as a
     # dataset (run it with `python -m bench.data_path draft`)
     return out

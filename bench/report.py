@@ -87,7 +87,9 @@ def data_section(d: dict) -> list[str]:
     out += _table(["dataset", "ratio", *(f"workers={n}" for n in workers)], rows)
     out += [
         "The limit is one core decoding in-process; with 1-2 loader workers on 2 cores a "
-        "ratio above 1 means the loader used more than one core.",
+        "ratio above 1 means the loader used more than one core. The consuming process casts "
+        "the batches with one torch thread (the default pool spins after each cast, taking a "
+        "core from the loader workers).",
         "",
         "Beside LitData and MosaicML Streaming on the same images (whole epochs, shuffle on, "
         "batch 256/64): [peers.md](peers.md) (`make bench-peers`).",
