@@ -6,8 +6,9 @@ Memory is bounded per loader worker: an open remote stream buffers at most
 ``READ_AHEAD_CHUNKS + 1`` chunks of ``READ_CHUNK`` bytes (17 MiB) plus one fsspec block
 (8 MiB), and at most ``1 + prefetch`` remote streams are open; the tar parser of each shard
 being read holds up to ``pipeline.data.shards.PARSE_CHUNK`` (1 MiB) plus one member. So with
-``prefetch_shards: 1`` a worker holds at most ~52 MiB of shard bytes whatever the shard size. Cached downloads go
-to disk in ``COPY_CHUNK`` pieces, at most ``prefetch`` of them in the background.
+``prefetch_shards: 1`` a worker holds at most ~52 MiB of shard bytes whatever the shard size.
+Cached downloads go to disk in ``COPY_CHUNK`` pieces, at most ``prefetch`` of them in the
+background.
 
 Every remote shard of a worker goes through one filesystem, so one S3 client
 (:func:`pipeline.storage.filesystems_created` counts them).

@@ -181,7 +181,7 @@ def decode(
             if cls is not None:
                 try:
                     label = int(cls)  # int() takes ASCII digit bytes, spaces around them too
-                except (ValueError, UnicodeDecodeError):
+                except ValueError:
                     raise BadSample("bad_label", repr(cls[:20])) from None
         except BadSample as e:
             url = item.get("__url__", "")

@@ -316,3 +316,23 @@ def test_ustar_files_buffering_does_not_change_members_or_cuts(bad_split, chunk)
     for cut in (100, 512, 1500, len(whole) // 2, len(whole) - 1024 - 3):
         assert members(whole[:cut], chunk) == members(whole[:cut], 1 << 20)
     assert members(whole[:1500], chunk)[-1] == ("error", "unexpected end of data")
+
+
+def test_labels_parse_with_whitespace_and_a_bad_one_is_counted():
+    from pipeline.data.transforms import decode
+
+    png = gray_png(3, SIZE)
+    items = [
+        {"__key__": "a", "png": png, "cls": b" 7\n"},
+        {"__key__": "b", "png": png, "cls": b"seven"},
+        {"__key__": "c", "png": png},
+    ]
+    out = list(
+        decode(items, size=(SIZE, SIZE), channels=1, resize=False, crop="none", max_pixels=100)
+    )
+    assert out[0]["label"] == 7 and out[2]["label"] == -1
+    assert (out[1]["bad"], out[1]["key"], out[1]["detail"]) == (
+        "bad_label",
+        "b",
+        "bad_label: b'seven'",
+    )
