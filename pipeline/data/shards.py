@@ -61,15 +61,19 @@ def ustar_files(stream, chunk: int = PARSE_CHUNK) -> Iterator[tuple[str, bytes]]
     """``(name, data)`` per regular member of a plain ustar stream, ~8x faster than
     ``tarfile`` (what ``webdataset.tariterators.tar_file_iterator`` uses) on small members.
 
-    The stream is read ``chunk`` bytes at a time (more for a larger member) and the headers
-    and members are sliced out of that buffer: ~1 us a sample less than two ``read()`` calls
-    per member through fsspec's file object. At most ``chunk`` + one member is buffered.
+    The stream is read up to ``chunk`` bytes at a time (more for a larger member) and the
+    headers and members are sliced out of that buffer: ~1 us a sample less than two
+    ``read()`` calls per member through fsspec's file object. At most ``chunk`` + one member
+    is buffered. A read error raises where the bytes run out, after the members before it.
 
     Raises:
         tarfile.ReadError: truncated data or a header with a bad checksum.
         UnsupportedTar: pax or GNU extension headers, base-256 sizes.
     """
-    read = stream.read
+    # read1: at most one raw read per call. A BufferedReader's read(n) keeps reading to fill
+    # n, and when a later raw read fails (an S3 object shorter than its manifest size) it
+    # raises and drops the bytes it had: every sample before the cut would be lost too.
+    read = getattr(stream, "read1", None) or stream.read
     buf, pos = b"", 0
 
     def have(n: int) -> int:

@@ -336,3 +336,33 @@ def test_labels_parse_with_whitespace_and_a_bad_one_is_counted():
         "b",
         "bad_label: b'seven'",
     )
+
+
+class _FailsAfter(io.RawIOBase):
+    """A raw stream that hands out ``data``, then fails as a read past an S3 object's end does
+    (the manifest's size is larger than the object)."""
+
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self.pos >= len(self.data):
+            raise OSError("InvalidRange: the requested range is not satisfiable")
+        n = min(len(b), len(self.data) - self.pos)
+        b[:n] = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+
+def test_a_read_error_at_the_cut_keeps_the_members_before_it():
+    data = tar_bytes([good(f"k{i}", i) for i in range(6)])
+    with tarfile.open(fileobj=io.BytesIO(data)) as t:
+        cut = t.getmember("k4.png").offset_data + 10
+    got = []
+    with pytest.raises(OSError, match="InvalidRange"):
+        for sample in tar_samples(io.BufferedReader(_FailsAfter(data[:cut]), 1 << 20), "u"):
+            got.append(sample["__key__"])
+    assert got == ["k0", "k1", "k2"]  # k3 was still being assembled when the read failed
