@@ -378,7 +378,11 @@ class ShardStream(IterableDataset):
         try:
             for batch in pipeline(self._raw(plan(), work, reader), stages):
                 # this worker's I/O so far; the main process keeps the latest per worker
-                io = {**stats.snapshot(), "filesystems": storage.filesystems_created()}
+                io = {
+                    **stats.snapshot(),
+                    "filesystems": storage.filesystems_created(),
+                    "filesystems_preloaded": storage.filesystems_created(preloaded=True),
+                }
                 batch["io"] = (worker, io)
                 yield batch
         finally:

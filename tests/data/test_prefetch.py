@@ -46,6 +46,8 @@ def test_prefetch_in_order_opens_each_shard_once_ahead_of_use(s3_env, split_url)
         assert sorted(io_) == [0, 1]
         for w, shards in visits.items():
             assert io_[w]["filesystems"] == 1  # one S3 client in the worker, for 3 or 4 shards
+            # built on the S3 models the forkserver parsed once (pipeline.data.preload)
+            assert io_[w]["filesystems_preloaded"] == 1
             assert io_[w]["opened"] == len(shards)  # each shard opened once
             assert io_[w]["prefetched"] == len(shards) - 1  # all but the first, ahead of use
             assert io_[w]["max_open"] == min(1 + prefetch, len(shards))

@@ -87,3 +87,30 @@ def test_unreachable_endpoint_gives_up_after_bounded_retries(s3_env, monkeypatch
 def test_credentials_never_come_from_config():
     with pytest.raises(ConfigError, match=r"storage_options: credentials .* \(remove secret\)"):
         storage.get_fs("s3://b/x", {"secret": "s"})
+
+
+def test_preloaded_s3_models_serve_later_clients_unless_the_data_path_changed(
+    s3_env, monkeypatch, tmp_path
+):
+    """preload_s3_models() (the forkserver's) parses botocore's S3 models once; a filesystem
+    made afterwards reads them through a session of its own, and still works end to end."""
+    monkeypatch.setattr(storage, "_warm_models", None)
+    monkeypatch.setattr(storage, "_remote", {})  # no filesystem cached from before
+    storage.preload_s3_models()
+    assert storage._warm_models is not None
+    _, loader = storage._warm_models
+    url = s3_env.make_bucket("storage-preload") + f"/{uuid.uuid4().hex}/x.bin"
+    before = storage.filesystems_created(preloaded=True)
+    storage.put_atomic(url, b"payload")
+    assert storage.read_bytes(url) == b"payload"
+    fs, _ = storage.get_fs(url)
+    assert fs.session.get_component("data_loader") is loader
+    assert storage.filesystems_created(preloaded=True) == before + 1
+
+    # another AWS_DATA_PATH: other model files may apply, so s3fs builds its own session
+    monkeypatch.setenv("AWS_DATA_PATH", str(tmp_path))
+    monkeypatch.setattr(storage, "_remote", {})
+    assert storage.read_bytes(url) == b"payload"
+    fs, _ = storage.get_fs(url)
+    assert fs.session.get_component("data_loader") is not loader
+    assert storage.filesystems_created(preloaded=True) == before + 1
