@@ -1,7 +1,7 @@
 """Read samples by index out of tar shards, streaming through :mod:`pipeline.storage`.
 
 Members are grouped into samples as webdataset's ``group_by_keys`` does; the members come from
-:func:`ustar_files`, a strict ustar parser ~8x faster than ``tarfile`` on small images, or,
+:func:`ustar_files`, a strict ustar parser ~20x faster than ``tarfile`` on small images, or,
 for tars using pax/GNU extensions, from webdataset's ``tar_file_iterator``. A shard stays
 open between calls so consecutive blocks of the plan continue where the last stopped, and,
 given the order of shards to come, the next ``prefetch`` are fetched while one is decoded
@@ -23,6 +23,7 @@ import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator
 
+import numpy as np
 from webdataset import tariterators
 
 from pipeline import storage
@@ -57,14 +58,69 @@ def header_checksum(header: bytes) -> int:
     return halves - 2 - sum(header[148:156]) + 8 * 32
 
 
+_MAGIC = np.frombuffer(b"ustar", np.uint8)
+_OCTAL_11 = 8 ** np.arange(10, -1, -1, dtype=np.int64)  # an 11-digit size field's weights
+_OCTAL_6 = 8 ** np.arange(5, -1, -1, dtype=np.int64)  # a 6-digit checksum's
+
+
+def scan_members(buf: bytes, pos: int) -> tuple[list[str], list[int], list[int], int] | None:
+    """The run of plain members from ``buf[pos]`` (a header) whose data is all in ``buf``,
+    found at once with numpy: ``(names, data offsets, sizes, position after the run)``, or
+    None when the member at ``pos`` is not plain (then :func:`ustar_files` parses it alone).
+
+    Plain: a ustar header of a regular file, no name prefix, the size as 11 octal digits and
+    a NUL, the checksum as 6 octal digits, NUL, space (how ``tarfile`` and GNU tar write
+    them). Each 512-byte block with the ``ustar`` magic is a candidate header; the run takes
+    them while each has a correct checksum and the previous member ends exactly there. A
+    block of member data that happens to look like a header is never reached that way: the
+    run stops before the member holding it, which the one-header path then reads.
+    """
+    n = (len(buf) - pos) >> 9
+    if n < 2:
+        return None
+    blocks = np.frombuffer(buf, np.uint8, n << 9, pos).reshape(n, 512)
+    at = np.flatnonzero((blocks[:, 257:262] == _MAGIC).all(1))
+    if not len(at) or at[0]:
+        return None
+    h = blocks[at]
+    size_digits, checksum_digits = h[:, 124:135], h[:, 148:154]
+    ok = (
+        ((size_digits & 0xF8) == 0x30).all(1)  # '0'..'7'
+        & ((checksum_digits & 0xF8) == 0x30).all(1)
+        & (h[:, 135] == 0)
+        & (h[:, 154] == 0)
+        & (h[:, 155] == 32)
+        & ((h[:, 156] == 48) | (h[:, 156] == 0))  # a regular file
+        & (h[:, 345] == 0)  # no prefix
+    )
+    sizes = (size_digits - 48) @ _OCTAL_11
+    # the checksum: the header's byte sum with its own 8 bytes counted as spaces
+    total = h.sum(1, dtype=np.int64) - h[:, 148:156].sum(1, dtype=np.int64) + 8 * 32
+    ok &= total == (checksum_digits - 48) @ _OCTAL_6
+    following = at + 1 + ((sizes + 511) >> 9)  # the block after each member's padding
+    ok[:-1] &= following[:-1] == at[1:]
+    ok &= following <= n
+    m = len(ok) if ok.all() else int(ok.argmin())
+    if not m:
+        return None
+    names = h[:m, :100].copy().view("S100").ravel().tolist()  # trailing NULs dropped
+    joined = _NUL.join(names)
+    if joined.count(_NUL) != m - 1:  # a NUL inside a name field: the name ends there
+        joined = _NUL.join(x.partition(_NUL)[0] for x in names)
+    text = joined.decode("utf-8", "surrogateescape")
+    offsets = ((at[:m] << 9) + (pos + 512)).tolist()
+    return text.split("\0"), offsets, sizes[:m].tolist(), pos + (int(following[m - 1]) << 9)
+
+
 def ustar_files(stream, chunk: int = PARSE_CHUNK) -> Iterator[tuple[str, bytes]]:
-    """``(name, data)`` per regular member of a plain ustar stream, ~8x faster than
+    """``(name, data)`` per regular member of a plain ustar stream, ~20x faster than
     ``tarfile`` (what ``webdataset.tariterators.tar_file_iterator`` uses) on small members.
 
-    The stream is read up to ``chunk`` bytes at a time (more for a larger member) and the
-    headers and members are sliced out of that buffer: ~1 us a sample less than two
-    ``read()`` calls per member through fsspec's file object. At most ``chunk`` + one member
-    is buffered. A read error raises where the bytes run out, after the members before it.
+    The stream is read up to ``chunk`` bytes at a time (more for a larger member); runs of
+    plain members are found in that buffer at once (:func:`scan_members`), any other member
+    by parsing its header alone, and members are sliced out of the buffer. At most ``chunk``
+    + one member is buffered. A read error raises where the bytes run out, after the
+    members before it.
 
     Raises:
         tarfile.ReadError: truncated data or a header with a bad checksum.
@@ -90,11 +146,21 @@ def ustar_files(stream, chunk: int = PARSE_CHUNK) -> Iterator[tuple[str, bytes]]
         buf, pos = b"".join(parts), 0
         return got
 
+    scanned = -1  # the position scan_members last found no run at
     while True:
         if len(buf) - pos < 512 and have(512) < 512:
             if not buf:
                 return  # end of archive (a tar cut at a member boundary ends here too)
             raise tarfile.ReadError("unexpected end of data")
+        if pos != scanned:
+            run = scan_members(buf, pos)
+            if run is not None:
+                names, offsets, sizes, pos = run
+                for fname, at, size in zip(names, offsets, sizes):
+                    if not (fname.startswith("__") and _SKIP_META.match(fname)):
+                        yield fname, buf[at : at + size]
+                continue
+            scanned = pos
         header = buf[pos : pos + 512]
         if header == _ZERO_BLOCK:
             return
@@ -123,20 +189,29 @@ def group_members(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[di
     """webdataset's ``group_by_keys`` (``base_plus_ext`` keys, lower-cased suffixes) over
     ``(name, data)`` pairs, without its per-member dicts.
 
+    The key is the name up to the first dot of its last path part, found with ``find``;
+    the regex is asked only where that could differ (no dot there, a newline in the name).
+
     Raises:
         ValueError: a suffix twice in one sample, as ``group_by_keys`` does.
     """
     sample: dict | None = None
+    key = None
     for fname, data in members:
-        match = _BASE_PLUS_EXT(fname)
-        if match is None:
-            continue
-        prefix, suffix = match.groups()
+        slash = fname.rfind("/")
+        dot = fname.find(".", slash + 1)
+        if dot > slash + 1 and "\n" not in fname:
+            prefix, suffix = fname[:dot], fname[dot + 1 :]
+        else:
+            match = _BASE_PLUS_EXT(fname)
+            if match is None:
+                continue
+            prefix, suffix = match.groups()
         suffix = suffix.lower()
-        if sample is None or prefix != sample["__key__"]:
+        if prefix != key:
             if sample is not None:
                 yield sample
-            sample = {"__key__": prefix, "__url__": url}
+            sample, key = {"__key__": prefix, "__url__": url}, prefix
         if suffix in sample:
             raise ValueError(f"{fname}: duplicate file name in tar file {suffix} {sample.keys()}")
         sample[suffix] = data

@@ -421,7 +421,11 @@ class ShardStream(IterableDataset):
                 if "bad" in sample:
                     yield {**sample, "pad": pad}
                 else:
-                    yield {**sample, "__pos__": pos, "__pad__": pad}
+                    # set in place, not copied: the decode stage turns each raw sample into
+                    # a new item before this resumes, so a repeated position (a padded
+                    # remainder) is read with its own values (~0.3 us a sample at 28x28)
+                    sample["__pos__"], sample["__pad__"] = pos, pad
+                    yield sample
 
 
 def _runs(shards: np.ndarray) -> list[tuple[int, int]]:
@@ -537,11 +541,10 @@ def make_loader(
     this process's environment; a script that iterates it needs a ``__main__`` guard.
     """
     workers = stream.num_workers if num_workers is None else num_workers
-    kwargs = {}
+    kwargs: dict = {"collate_fn": as_is}  # in-process too: default_convert walks every key
     if workers > 0:
-        kwargs = {
+        kwargs |= {
             "prefetch_factor": prefetch_factor,
-            "collate_fn": as_is,
             "multiprocessing_context": storage.process_context(WORKER_PRELOAD),
             "worker_init_fn": partial(worker_init, dict(os.environ)),
         }

@@ -17,7 +17,7 @@ from PIL import Image
 from pipeline.data.config import StreamConfig
 from pipeline.data.errors import BadDataError
 from pipeline.data.manifest import Manifest, ShardInfo, write_manifest
-from pipeline.data.shards import header_checksum, tar_samples, ustar_files
+from pipeline.data.shards import header_checksum, scan_members, tar_samples, ustar_files
 from pipeline.data.stream import ShardStream, make_loader
 from pipeline.data.transforms import decode_image
 from tests.helpers import bomb_png, gray_png, tar_bytes
@@ -366,3 +366,55 @@ def test_a_read_error_at_the_cut_keeps_the_members_before_it():
         for sample in tar_samples(io.BufferedReader(_FailsAfter(data[:cut]), 1 << 20), "u"):
             got.append(sample["__key__"])
     assert got == ["k0", "k1", "k2"]  # k3 was still being assembled when the read failed
+
+
+def _set_size_field(data: bytearray, offset: int, field: bytes) -> None:
+    """Rewrite the size field of the header at ``offset`` and fix its checksum (as another
+    tar writer would have written it)."""
+    data[offset + 124 : offset + 136] = field
+    data[offset + 148 : offset + 156] = b" " * 8
+    data[offset + 148 : offset + 155] = b"%06o\0" % sum(data[offset : offset + 512])
+
+
+@pytest.mark.parametrize("chunk", [512, 3000, 1 << 20])
+def test_member_runs_found_at_once_match_tarfile_around_members_that_are_not_plain(chunk):
+    # the run scan must give tarfile's members exactly: around a member whose data is a tar
+    # (blocks that look like valid headers, 512-aligned), a name in the prefix field, a
+    # directory, a size field ending in a space rather than a NUL (another writer's style)
+    inner = tar_bytes([good(f"inner{i}", i) for i in range(3)])
+    long_dir = "d" * 60 + "/" + "e" * 60
+    members = [m for i in range(4) for m in good(f"k{i}", i)]
+    members += [("nested.tar", inner), (f"{long_dir}/x.png", gray_png(3, SIZE)), ("adir/", None)]
+    members += [m for i in range(4) for m in good(f"m{i}", i)]
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as t:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            if payload is None:
+                info.type = tarfile.DIRTYPE
+                t.addfile(info)
+            else:
+                info.size = len(payload)
+                t.addfile(info, io.BytesIO(payload))
+    data = bytearray(out.getvalue())
+    with tarfile.open(fileobj=io.BytesIO(bytes(data))) as t:
+        offsets = {m.name.rstrip("/"): m.offset for m in t.getmembers()}
+    _set_size_field(data, offsets["m1.png"], b"%011o " % len(dict(members)["m1.png"]))
+    data = bytes(data)
+    with tarfile.open(fileobj=io.BytesIO(data)) as t:
+        want = [(m.name, t.extractfile(m).read()) for m in t.getmembers() if m.isreg()]
+    assert len(want) == 18 and want[8] == ("nested.tar", inner)
+    assert want[9][0] == f"{long_dir}/x.png"
+    assert list(ustar_files(io.BytesIO(data), chunk)) == want
+    # the run from the start stops before the member holding the look-alike headers; none
+    # starts at it, at the prefixed name or the directory; one from m0 stops at the
+    # rewritten size field, and the one after m1 runs to the end
+    names, _, _, end = scan_members(data, 0)
+    assert names == [n for n, _ in members[:8]] and end == offsets["nested.tar"]
+    for name in ("nested.tar", f"{long_dir}/x.png", "adir", "m1.png"):
+        assert scan_members(data, offsets[name]) is None, name
+    names, _, _, end = scan_members(data, offsets["m0.png"])
+    assert names == ["m0.png", "m0.cls"] and end == offsets["m1.png"]
+    names, offsets_, sizes, _ = scan_members(data, offsets["m1.cls"])
+    assert names == ["m1.cls", "m2.png", "m2.cls", "m3.png", "m3.cls"]
+    assert [data[a : a + n] for a, n in zip(offsets_, sizes)] == [p for _, p in members[-5:]]
