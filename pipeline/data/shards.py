@@ -115,6 +115,14 @@ def scan_members(buf: bytes, pos: int) -> tuple[list[str], list[int], list[int],
 def ustar_files(stream, chunk: int = PARSE_CHUNK) -> Iterator[tuple[str, bytes]]:
     """``(name, data)`` per regular member of a plain ustar stream, ~20x faster than
     ``tarfile`` (what ``webdataset.tariterators.tar_file_iterator`` uses) on small members.
+    See :func:`member_runs`."""
+    for run in member_runs(stream, chunk):
+        yield from run
+
+
+def member_runs(stream, chunk: int = PARSE_CHUNK) -> Iterator[list[tuple[str, bytes]]]:
+    """The regular members of a plain ustar stream, as lists of ``(name, data)`` in order:
+    a consumer loops over a list rather than resuming a generator per member.
 
     The stream is read up to ``chunk`` bytes at a time (more for a larger member); runs of
     plain members are found in that buffer at once (:func:`scan_members`), any other member
@@ -131,36 +139,56 @@ def ustar_files(stream, chunk: int = PARSE_CHUNK) -> Iterator[tuple[str, bytes]]
     # raises and drops the bytes it had: every sample before the cut would be lost too.
     read = getattr(stream, "read1", None) or stream.read
     buf, pos = b"", 0
+    rest: tuple[bytes, int] | None = None  # a chunk read, and where in it buf continues
 
     def have(n: int) -> int:
-        """Bytes buffered from ``pos`` after reading until ``n`` (or the stream's end)."""
-        nonlocal buf, pos
+        """Bytes buffered from ``pos`` after reading until ``n`` (or the stream's end).
+
+        A member that straddles two reads is copied into a small bridge (the old chunk's
+        tail + what it needs of the new one), and parsing then goes on inside the new chunk
+        where the bridge ended: a 1 MiB chunk is never copied to prepend a few bytes.
+        """
+        nonlocal buf, pos, rest
+        if rest is not None and pos >= len(buf):
+            (buf, pos), rest = rest, None
+        got = len(buf) - pos
+        if got >= n:
+            return got
         parts = [buf[pos:]]
-        got = len(parts[0])
+        if rest is not None:  # a bridge not used up (not how the parser reads): merge
+            parts.append(rest[0][rest[1] :])
+            got, rest = got + len(parts[-1]), None
         while got < n:
             more = read(max(chunk, n - got))
             if not more:
                 break
             parts.append(more)
             got += len(more)
-        buf, pos = b"".join(parts), 0
+        need = n - len(parts[0])
+        if len(parts) == 2 and parts[0] and len(parts[1]) > need > 0:
+            buf, rest = parts[0] + parts[1][:need], (parts[1], need)
+        else:
+            buf = parts[-1] if len(parts) == 2 and not parts[0] else b"".join(parts)
+        pos = 0
         return got
 
-    scanned = -1  # the position scan_members last found no run at
+    unscannable: tuple[bytes, int] = (b"", -1)  # where scan_members last found no run
     while True:
         if len(buf) - pos < 512 and have(512) < 512:
             if not buf:
                 return  # end of archive (a tar cut at a member boundary ends here too)
             raise tarfile.ReadError("unexpected end of data")
-        if pos != scanned:
+        if unscannable[1] != pos or unscannable[0] is not buf:
             run = scan_members(buf, pos)
             if run is not None:
                 names, offsets, sizes, pos = run
-                for fname, at, size in zip(names, offsets, sizes):
-                    if not (fname.startswith("__") and _SKIP_META.match(fname)):
-                        yield fname, buf[at : at + size]
+                yield [
+                    (fname, buf[at : at + size])
+                    for fname, at, size in zip(names, offsets, sizes)
+                    if not (fname.startswith("__") and _SKIP_META.match(fname))
+                ]
                 continue
-            scanned = pos
+            unscannable = (buf, pos)
         header = buf[pos : pos + 512]
         if header == _ZERO_BLOCK:
             return
@@ -182,12 +210,12 @@ def ustar_files(stream, chunk: int = PARSE_CHUNK) -> Iterator[tuple[str, bytes]]
         pos = min(pos + padded, len(buf))  # a tar cut inside the last padding ends there
         fname = name.decode("utf-8", "surrogateescape")
         if kind in (b"0", _NUL) and not (fname.startswith("__") and _SKIP_META.match(fname)):
-            yield fname, data
+            yield [(fname, data)]
 
 
-def group_members(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict]:
+def group_members(runs: Iterable[list[tuple[str, bytes]]], url: str) -> Iterator[dict]:
     """webdataset's ``group_by_keys`` (``base_plus_ext`` keys, lower-cased suffixes) over
-    ``(name, data)`` pairs, without its per-member dicts.
+    lists of ``(name, data)`` pairs (:func:`member_runs`), without its per-member dicts.
 
     The key is the name up to the first dot of its last path part, found with ``find``;
     the regex is asked only where that could differ (no dot there, a newline in the name).
@@ -197,24 +225,27 @@ def group_members(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[di
     """
     sample: dict | None = None
     key = None
-    for fname, data in members:
-        slash = fname.rfind("/")
-        dot = fname.find(".", slash + 1)
-        if dot > slash + 1 and "\n" not in fname:
-            prefix, suffix = fname[:dot], fname[dot + 1 :]
-        else:
-            match = _BASE_PLUS_EXT(fname)
-            if match is None:
-                continue
-            prefix, suffix = match.groups()
-        suffix = suffix.lower()
-        if prefix != key:
-            if sample is not None:
-                yield sample
-            sample, key = {"__key__": prefix, "__url__": url}, prefix
-        if suffix in sample:
-            raise ValueError(f"{fname}: duplicate file name in tar file {suffix} {sample.keys()}")
-        sample[suffix] = data
+    for run in runs:
+        for fname, data in run:
+            slash = fname.rfind("/")
+            dot = fname.find(".", slash + 1)
+            if dot > slash + 1 and "\n" not in fname:
+                prefix, suffix = fname[:dot], fname[dot + 1 :]
+            else:
+                match = _BASE_PLUS_EXT(fname)
+                if match is None:
+                    continue
+                prefix, suffix = match.groups()
+            suffix = suffix.lower()
+            if prefix != key:
+                if sample is not None:
+                    yield sample
+                sample, key = {"__key__": prefix, "__url__": url}, prefix
+            if suffix in sample:
+                raise ValueError(
+                    f"{fname}: duplicate file name in tar file {suffix} {sample.keys()}"
+                )
+            sample[suffix] = data
     if sample is not None:
         yield sample
 
@@ -222,12 +253,12 @@ def group_members(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[di
 def tar_samples(stream, url: str, fast: bool = True) -> Iterator[dict]:
     """Samples of one tar stream: ``{"__key__", "__url__", <suffix>: bytes, ...}``.
 
-    ``fast``: :func:`ustar_files` grouped by :func:`group_members`; ``fast=False``:
+    ``fast``: :func:`member_runs` grouped by :func:`group_members`; ``fast=False``:
     webdataset's ``tar_file_iterator`` and ``group_by_keys``, for tars :func:`ustar_files`
     does not support. Both give the same samples (``tests/data/test_bad.py``).
     """
     if fast:
-        return group_members(ustar_files(stream), url)
+        return group_members(member_runs(stream), url)
     members = tariterators.tar_file_iterator(stream)
     return tariterators.group_by_keys({**f, "__url__": url} for f in members)
 
