@@ -63,6 +63,22 @@ _OCTAL_11 = 8 ** np.arange(10, -1, -1, dtype=np.int64)  # an 11-digit size field
 _OCTAL_6 = 8 ** np.arange(5, -1, -1, dtype=np.int64)  # a 6-digit checksum's
 
 
+_BYTE_LANES = np.uint64(0x00FF00FF00FF00FF)
+_LANE = np.uint64(0xFFFF)
+
+
+def _byte_sums(words: np.ndarray) -> np.ndarray:
+    """The sum of the bytes of each row of ``words`` (uint64, at most 64 a row), twice as
+    fast as ``sum(dtype=int64)`` over the bytes: pairs of bytes are added into 16-bit lanes
+    (at most 64 * 510 in a lane: no carry between lanes), then the four lanes."""
+    pairs = (words & _BYTE_LANES) + ((words >> np.uint64(8)) & _BYTE_LANES)
+    lanes = pairs.sum(1)
+    total = lanes & _LANE
+    for shift in (16, 32, 48):
+        total += (lanes >> np.uint64(shift)) & _LANE
+    return total.astype(np.int64)
+
+
 def scan_members(buf: bytes, pos: int) -> tuple[list[str], list[int], list[int], int] | None:
     """The run of plain members from ``buf[pos]`` (a header) whose data is all in ``buf``,
     found at once with numpy: ``(names, data offsets, sizes, position after the run)``, or
@@ -79,10 +95,12 @@ def scan_members(buf: bytes, pos: int) -> tuple[list[str], list[int], list[int],
     if n < 2:
         return None
     blocks = np.frombuffer(buf, np.uint8, n << 9, pos).reshape(n, 512)
-    at = np.flatnonzero((blocks[:, 257:262] == _MAGIC).all(1))
+    at = np.flatnonzero(blocks[:, 257] == _MAGIC[0])
+    at = at[(blocks[at, 258:262] == _MAGIC[1:]).all(1)]
     if not len(at) or at[0]:
         return None
-    h = blocks[at]
+    words = np.frombuffer(buf, np.uint64, n << 6, pos).reshape(n, 64)[at]  # the headers
+    h = words.view(np.uint8)
     size_digits, checksum_digits = h[:, 124:135], h[:, 148:154]
     ok = (
         ((size_digits & 0xF8) == 0x30).all(1)  # '0'..'7'
@@ -95,7 +113,7 @@ def scan_members(buf: bytes, pos: int) -> tuple[list[str], list[int], list[int],
     )
     sizes = (size_digits - 48) @ _OCTAL_11
     # the checksum: the header's byte sum with its own 8 bytes counted as spaces
-    total = h.sum(1, dtype=np.int64) - h[:, 148:156].sum(1, dtype=np.int64) + 8 * 32
+    total = _byte_sums(words) - h[:, 148:156].sum(1, dtype=np.int64) + 8 * 32
     ok &= total == (checksum_digits - 48) @ _OCTAL_6
     following = at + 1 + ((sizes + 511) >> 9)  # the block after each member's padding
     ok[:-1] &= following[:-1] == at[1:]

@@ -17,7 +17,13 @@ from PIL import Image
 from pipeline.data.config import StreamConfig
 from pipeline.data.errors import BadDataError
 from pipeline.data.manifest import Manifest, ShardInfo, write_manifest
-from pipeline.data.shards import header_checksum, scan_members, tar_samples, ustar_files
+from pipeline.data.shards import (
+    _byte_sums,
+    header_checksum,
+    scan_members,
+    tar_samples,
+    ustar_files,
+)
 from pipeline.data.stream import ShardStream, make_loader
 from pipeline.data.transforms import decode_image
 from tests.helpers import bomb_png, gray_png, tar_bytes
@@ -270,6 +276,16 @@ def test_header_checksum_is_tarfiles_sum():
     headers += [b"\xff" * 512, b"\0" * 512, tar_bytes([[("k.png", b"x")]])[:512]]
     for header in headers:
         assert header_checksum(header) == sum(header[:148]) + 8 * 32 + sum(header[156:])
+
+
+def test_header_byte_sums_in_lanes_are_exact():
+    # 16-bit lanes hold 64 byte pairs of at most 510: all 0xFF is the largest case
+    rng = np.random.default_rng(5)
+    rows = rng.integers(0, 256, (300, 512), dtype=np.uint8)
+    rows[0], rows[1] = 0xFF, 0
+    want = rows.sum(1, dtype=np.int64)
+    assert want[0] == 512 * 255
+    assert np.array_equal(_byte_sums(rows.view(np.uint64)), want)
 
 
 def test_a_corrupt_tar_header_ends_the_shard():
