@@ -239,8 +239,13 @@ def collate(batches: Iterable[dict]) -> Iterator[dict]:
     """
     for filled in batches:
         batch = filled["items"]
+        images = [x["image"] for x in batch]
+        if images[0].flags.c_contiguous:  # grayscale: one copy, not a view per image
+            stacked = np.concatenate(images).reshape(len(images), *images[0].shape)
+        else:  # (C, H, W) views of (H, W, C) pixels: stack copies each transposed
+            stacked = np.stack(images)
         yield {
-            "image": torch.from_numpy(np.stack([x["image"] for x in batch])),
+            "image": torch.from_numpy(stacked),
             "label": torch.from_numpy(np.array([x["label"] for x in batch], np.int64)),
             "key": [x["key"] for x in batch],
             "pad": torch.from_numpy(np.array([x["pad"] for x in batch], bool)),
