@@ -7,6 +7,7 @@ reader per rank in this process.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pipeline.data.config import IngestConfig, StreamConfig
 from pipeline.data.ingest import ingest
@@ -248,3 +249,19 @@ def test_batched_and_fill_bad_on_plain_lists():
     assert [x["key"] for x in out["items"]] == ["a", "a"]
     assert [x["pad"] for x in out["items"]] == [False, True]
     assert out["skipped"] == [{"bad": "decode_error", "detail": "x", "key": "b", "url": "u"}]
+
+
+def test_batches_cross_from_workers_alike_inline_or_in_shared_memory(shards):
+    # a batch's images travel in the pickled batch up to inline_batch_bytes, above it in
+    # shared memory; the caller gets the same float32 tensors either way
+    got = {}
+    for inline in (0, 1 << 20):  # 8x8x3 x 8 = 1536 bytes a batch: shared memory, inline
+        s = stream(shards)
+        s.inline_batch_bytes = inline
+        got[inline] = list(make_loader(s, num_workers=2))
+    shared, inline = got[0], got[1 << 20]
+    assert len(shared) == len(inline) == N // B
+    for a, b in zip(shared, inline):
+        assert a["key"] == b["key"]
+        assert a["image"].dtype == b["image"].dtype == torch.float32
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
