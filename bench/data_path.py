@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import time
 from pathlib import Path
 
@@ -175,8 +176,24 @@ def epoch_rates(batches) -> tuple[float, float, float]:
     return (n - first_n) / max(end - first_at, 1e-9), first_at - t0, n / max(end - t0, 1e-9)
 
 
-def measure(data: dict, settings: Settings) -> dict:
-    """All configurations of one dataset, interleaved, ``settings.repeats`` times."""
+def _cpu_seconds(procs: list) -> float:
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except Exception:  # a process gone since the list was made
+            continue
+    return total
+
+
+def measure(data: dict, settings: Settings, s3_server=None) -> dict:
+    """All configurations of one dataset, interleaved, ``settings.repeats`` times.
+
+    ``s3_server``: the S3 service (a :class:`pipeline.stack.Service`); its processes' CPU
+    seconds during each S3 epoch are reported, per image: on this machine the server shares
+    the cores with the loader, which a remote object store does not.
+    """
     size, channels = data["size"], data["channels"]
     batch = settings.data_batch_256 if size > 64 else settings.data_batch
     runs = {"memory": memory_run(data["samples"], size, channels, batch)}
@@ -189,9 +206,14 @@ def measure(data: dict, settings: Settings) -> dict:
     for run in runs.values():  # warm-up: page cache, forkserver, S3 connection pool
         timed_epoch(run)
     epochs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in runs}
+    server = s3_server.processes() if s3_server is not None else []
+    server_cpu: dict[str, list[float]] = {name: [] for name in runs if name.startswith("s3_")}
     for _ in range(settings.repeats):  # interleaved: a noisy moment hits every path alike
         for name, run in runs.items():
+            before = _cpu_seconds(server) if server and name in server_cpu else 0.0
             epochs[name].append(epoch_rates(run))
+            if server and name in server_cpu:
+                server_cpu[name].append(_cpu_seconds(server) - before)
     rates = {k: rnd(median(r for r, _, _ in v)) for k, v in epochs.items()}
     spread = {k: [rnd(r) for r, _, _ in v] for k, v in epochs.items()}
     firsts = {k: round(median(f for _, f, _ in v), 3) for k, v in epochs.items()}
@@ -223,10 +245,20 @@ def measure(data: dict, settings: Settings) -> dict:
         "whole_epoch_images_per_second": whole,
         "whole_epoch_all_repeats": whole_spread,
         "ratios": ratios,
+        # the S3 server's CPU per image served (median epoch), and its share of the CPU the
+        # machine had during that epoch (whole-epoch wall time x cores)
+        "s3_server_cpu_us_per_image": {
+            k: round(median(v) / data["count"] * 1e6, 2) for k, v in server_cpu.items() if v
+        },
+        "s3_server_cpu_share": {
+            k: round(median(v) / (data["count"] / whole[k] * (os.cpu_count() or 1)), 3)
+            for k, v in server_cpu.items()
+            if v
+        },
     }
 
 
-def run(settings: Settings, root: Path, s3_url: str, log=print) -> dict:
+def run(settings: Settings, root: Path, s3_url: str, log=print, s3_server=None) -> dict:
     out = {}
     # The consumer (this process) only casts batches, as a GPU loop's host thread does: with
     # torch's default intra-op pool each cast wakes a thread that then spins, taking a core
@@ -237,7 +269,7 @@ def run(settings: Settings, root: Path, s3_url: str, log=print) -> dict:
         for name in DATASETS:
             count = settings.data_count_256 if "256" in name else settings.data_count_28
             data = prepare(name, count, root, s3_url)
-            out[name] = measure(data, settings)
+            out[name] = measure(data, settings, s3_server)
             log(f"data {name}: {out[name]['images_per_second']}")
     finally:
         torch.set_num_threads(threads)

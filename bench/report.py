@@ -85,6 +85,21 @@ def data_section(d: dict) -> list[str]:
         ):
             rows.append([name, what, *(_n(q.get(f"{key}_w{n}"), 2) for n in workers)])
     out += _table(["dataset", "ratio", *(f"workers={n}" for n in workers)], rows)
+    server = [
+        f"{name} {res['s3_server_cpu_us_per_image'][f's3_w{n}']:.1f} us "
+        f"({res['s3_server_cpu_share'][f's3_w{n}']:.0%})"
+        for name, res in d.items()
+        for n in workers[-1:]
+        if f"s3_w{n}" in res.get("s3_server_cpu_us_per_image", {})
+    ]
+    if server:
+        out += [
+            "The S3 server (SeaweedFS) shares this machine's cores with the loader: its CPU "
+            f"per image served at workers={workers[-1]} (share of all the machine's CPU "
+            "during the epoch), a cost the local rows do not pay and a remote store would not "
+            f"put on the loader's cores: {'; '.join(server)}.",
+            "",
+        ]
     out += [
         "The limit is one core decoding in-process; with 1-2 loader workers on 2 cores a "
         "ratio above 1 means the loader used more than one core. The consuming process casts "

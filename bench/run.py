@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                     from bench import data_path
 
                     results["data_path"] = data_path.run(
-                        settings, Path(work), stack.bucket("bench-data"), log
+                        settings, Path(work), stack.bucket("bench-data"), log, stack.s3
                     )
                 elif section == "train":
                     from bench import train_path
