@@ -245,16 +245,22 @@ def measure(data: dict, settings: Settings, s3_server=None) -> dict:
         "whole_epoch_images_per_second": whole,
         "whole_epoch_all_repeats": whole_spread,
         "ratios": ratios,
-        # the S3 server's CPU per image served (median epoch), and its share of the CPU the
-        # machine had during that epoch (whole-epoch wall time x cores)
-        "s3_server_cpu_us_per_image": {
-            k: round(median(v) / data["count"] * 1e6, 2) for k, v in server_cpu.items() if v
-        },
-        "s3_server_cpu_share": {
-            k: round(median(v) / (data["count"] / whole[k] * (os.cpu_count() or 1)), 3)
-            for k, v in server_cpu.items()
-            if v
-        },
+        # the S3 server's CPU per image served, over every S3 epoch of this dataset (its
+        # cpu_times tick is 10 ms: one short epoch alone is too few ticks), and its share of
+        # the CPU the machine had during those epochs (whole-epoch wall time x cores)
+        "s3_server_cpu": _server_cpu(server_cpu, epochs, data["count"]) if server else {},
+    }
+
+
+def _server_cpu(cpu: dict[str, list[float]], epochs: dict, count: int) -> dict:
+    seconds = sum(sum(v) for v in cpu.values())
+    images = count * sum(len(v) for v in cpu.values())
+    wall = sum(count / whole for name in cpu for _, _, whole in epochs[name])
+    return {
+        "epochs": sum(len(v) for v in cpu.values()),
+        "cpu_seconds": round(seconds, 2),
+        "us_per_image": round(seconds / images * 1e6, 2),
+        "share_of_machine": round(seconds / (wall * (os.cpu_count() or 1)), 3),
     }
 
 

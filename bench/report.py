@@ -86,18 +86,16 @@ def data_section(d: dict) -> list[str]:
             rows.append([name, what, *(_n(q.get(f"{key}_w{n}"), 2) for n in workers)])
     out += _table(["dataset", "ratio", *(f"workers={n}" for n in workers)], rows)
     server = [
-        f"{name} {res['s3_server_cpu_us_per_image'][f's3_w{n}']:.1f} us "
-        f"({res['s3_server_cpu_share'][f's3_w{n}']:.0%})"
+        f"{name} {c['us_per_image']:.1f} us ({c['share_of_machine']:.0%}, {c['epochs']} epochs)"
         for name, res in d.items()
-        for n in workers[-1:]
-        if f"s3_w{n}" in res.get("s3_server_cpu_us_per_image", {})
+        if (c := res.get("s3_server_cpu"))
     ]
     if server:
         out += [
             "The S3 server (SeaweedFS) shares this machine's cores with the loader: its CPU "
-            f"per image served at workers={workers[-1]} (share of all the machine's CPU "
-            "during the epoch), a cost the local rows do not pay and a remote store would not "
-            f"put on the loader's cores: {'; '.join(server)}.",
+            "per image served over all the S3 epochs of a dataset (its share of all the "
+            "machine's CPU during them), a cost the local rows do not pay and a remote store "
+            f"would not put on the loader's cores: {'; '.join(server)}.",
             "",
         ]
     out += [
