@@ -59,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="Ray Train workers (DDP ranks)")
     ap.add_argument("--loader-workers", type=int, default=1, help="DataLoader workers per rank")
     ap.add_argument("--batch", type=int, default=64, help="global batch")
+    ap.add_argument(
+        "--precision",
+        default="bf16",
+        choices=["auto", "fp32", "bf16"],
+        help="the step's autocast; bf16 is what precision: auto picks on an Ampere or newer GPU, "
+        "and on a CPU with AVX512-BF16 it doubles the 64 preset's rate (10 -> 20 img/s a core)",
+    )
     ap.add_argument("--out", default=tempfile.mkdtemp(prefix="scale-e2e-"))
     args = ap.parse_args(argv)
     if args.images // args.batch < 8 * LOG_EVERY:  # quarters need a few logged steps each
@@ -75,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             "loader_workers_per_rank": args.loader_workers,
             "global_batch": args.batch,
             "model": 'PRESETS["64"]',
+            "precision": args.precision,
             "cpus": psutil.cpu_count(),
             "load_average_at_start": [round(x, 2) for x in psutil.getloadavg()],
         }
@@ -105,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             max_steps=0,
             epochs=1,
             log_every=LOG_EVERY,
+            precision=args.precision,
         )
         sampler = MemorySampler(roots=ray_train_workers)
         sampler.start()
