@@ -3,15 +3,18 @@ thread, remote shards opened ``prefetch`` shards ahead of the one being decoded,
 optional local cache (:mod:`pipeline.data.cache`).
 
 Memory is bounded per loader worker: an open remote stream buffers at most
-``READ_AHEAD_CHUNKS + 1`` chunks of ``READ_CHUNK`` bytes (17 MiB) plus one fsspec block
-(8 MiB), and at most ``1 + prefetch`` remote streams are open; the tar parser of each shard
-being read holds up to ``pipeline.data.shards.PARSE_CHUNK`` (1 MiB) plus one member. So with
-``prefetch_shards: 1`` a worker holds at most ~52 MiB of shard bytes whatever the shard size.
+``READ_AHEAD_CHUNKS + 1`` chunks of ``READ_CHUNK`` bytes (17 MiB), plus one fsspec block
+(8 MiB) where s3fs reads it, and at most ``1 + prefetch`` remote streams are open; the tar
+parser of each shard being read holds up to ``pipeline.data.shards.PARSE_CHUNK`` (1 MiB) plus
+one member. So with ``prefetch_shards: 1`` a worker holds at most ~52 MiB of shard bytes
+whatever the shard size.
 Cached downloads go to disk in ``COPY_CHUNK`` pieces, at most ``prefetch`` of them in the
 background.
 
-Every remote shard of a worker goes through one filesystem, so one S3 client
-(:func:`pipeline.storage.filesystems_created` counts them).
+Every remote shard of a worker goes through one S3 client
+(:func:`pipeline.storage.clients_created` counts them): a plain botocore client reading each
+shard with one GET (:func:`pipeline.storage.open_object`), or, for options only s3fs knows,
+the worker's s3fs filesystem.
 """
 
 from __future__ import annotations
@@ -117,7 +120,10 @@ def open_shard(
     ``size`` (from the manifest) saves a HEAD request per remote shard.
     """
     if not storage.is_local(url):
-        # "readahead": one ranged GET per ~9 MiB rather than one per read() call
+        obj = storage.open_object(url, storage_options)
+        if obj is not None:  # one GET, read in READ_CHUNK pieces by the read-ahead thread
+            return io.BufferedReader(ReadAhead(obj, stats=stats), buffer_size=READ_CHUNK)
+        # s3fs: "readahead", one ranged GET per ~9 MiB rather than one per read() call
         extra = {"size": size} if size else {}
         f = storage.open_url(
             url,

@@ -390,8 +390,8 @@ class ShardStream(IterableDataset):
                 # this worker's I/O so far; the main process keeps the latest per worker
                 io = {
                     **stats.snapshot(),
-                    "filesystems": storage.filesystems_created(),
-                    "filesystems_preloaded": storage.filesystems_created(preloaded=True),
+                    "s3_clients": storage.clients_created(),
+                    "s3_clients_preloaded": storage.clients_created(preloaded=True),
                 }
                 batch["io"] = (worker, io)
                 yield batch

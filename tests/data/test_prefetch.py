@@ -45,9 +45,9 @@ def test_prefetch_in_order_opens_each_shard_once_ahead_of_use(s3_env, split_url)
         io_ = stats["io_by_worker"]
         assert sorted(io_) == [0, 1]
         for w, shards in visits.items():
-            assert io_[w]["filesystems"] == 1  # one S3 client in the worker, for 3 or 4 shards
+            assert io_[w]["s3_clients"] == 1  # one S3 client in the worker, for 3 or 4 shards
             # built on the S3 models the forkserver parsed once (pipeline.data.preload)
-            assert io_[w]["filesystems_preloaded"] == 1
+            assert io_[w]["s3_clients_preloaded"] == 1
             assert io_[w]["opened"] == len(shards)  # each shard opened once
             assert io_[w]["prefetched"] == len(shards) - 1  # all but the first, ahead of use
             assert io_[w]["max_open"] == min(1 + prefetch, len(shards))
@@ -69,13 +69,14 @@ def test_prefetch_changes_nothing_in_the_epoch(s3_env, split_url, workers):
         assert without["max_open"] == 1 and counters["max_open"] == min(3, counters["opened"])
 
 
-def test_one_filesystem_per_process_reused_for_every_shard(s3_env, split_url):
+def test_one_s3_client_per_process_reused_for_every_shard(s3_env, split_url):
     storage.get_fs(split_url)  # this process's S3 filesystem for these options
-    before = storage.filesystems_created()
+    storage.open_object(split_url + "/manifest.json")  # and its client for shard reads
+    before = storage.clients_created()
     batches, stats = run(split_url, 0, prefetch_shards=1)
     assert len(batches) == COUNT // BATCH
     assert stats["io_by_worker"][0]["opened"] >= 6
-    assert storage.filesystems_created() == before  # 6+ shards, threads: no new client
+    assert storage.clients_created() == before  # 6+ shards, threads: no new client
 
 
 def test_resume_with_prefetch_is_exact(s3_env, split_url):

@@ -1,5 +1,6 @@
 """Streaming from a real SeaweedFS S3 server through real network faults: connections cut
-mid-response by a TCP proxy are retried (reopen + skip to the sample), and a shard that
+mid-response by a TCP proxy are retried (the rest of the object asked for again, or the
+shard reopened and skipped to the sample), and a shard that
 stays unreadable is counted and ends the run within a bounded time, never a hang."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from urllib.parse import urlparse
 import pytest
 
 from pipeline.data.config import StreamConfig
+from pipeline.data.manifest import read_manifest
 from pipeline.data.stream import ShardStream, make_loader
 from pipeline.storage import StorageError
 from tests.helpers import synthetic_split_on_s3
@@ -95,23 +97,41 @@ def test_s3_epoch_equals_itself_across_worker_counts(s3_env, s3_split):
     assert keys == sorted(k for b in reference for k in b["key"]) and len(set(keys)) == COUNT
 
 
-@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize(
+    "cut_after, cuts, prefetch",
+    [
+        (30_000, 8, 0),  # cut mid-body: the stream asks for the rest (Range), no reopen
+        # cut before any byte, 12 times: a stream's 5 GETs (botocore's config tries each
+        # twice) outlast 10 cuts, then the reader reopens the shard
+        (0, 12, 0),
+        (0, 12, 1),  # with a shard prefetched: two streams may share the cuts; data intact
+    ],
+)
 def test_cut_connections_are_retried_and_data_is_intact(
-    s3_env, s3_split, monkeypatch, caplog, prefetch
+    s3_env, s3_split, monkeypatch, caplog, cut_after, cuts, prefetch
 ):
     reference, _ = epoch(s3_split, 0)
-    # 8 cuts outlast s3fs's own 5 attempts per request: the shard reader must reopen. With a
-    # shard prefetched, two requests are in flight and may share the cuts (s3fs's retries
-    # can absorb them), so the reopen is asserted without prefetch; the data always.
-    proxy = CuttingProxy(s3_env.endpoint_url, cut_after=30_000, cuts=8)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    sizes = sum(s.bytes for s in read_manifest(s3_split).shards)
+    config = StreamConfig(
+        train_url=s3_split,
+        shuffle_buffer=16,
+        retries=3,
+        retry_backoff=0.01,
+        prefetch_shards=prefetch,
+    )
+    stream = ShardStream(config, rank=0, world_size=1, batch_size=BATCH)  # reads the manifest
+    proxy = CuttingProxy(s3_env.endpoint_url, cut_after=cut_after, cuts=cuts)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)  # the shard reads go through the proxy
     try:
         with caplog.at_level(logging.WARNING, logger="pipeline.data.shards"):
-            batches, stats = epoch(s3_split, 0, prefetch_shards=prefetch)
+            batches, stats = list(make_loader(stream, num_workers=0)), stream.stats()
     finally:
         proxy.close()
-    assert proxy.cuts_done == 8
-    if prefetch == 0:
+    assert proxy.cuts_done == cuts
+    if cut_after:  # every byte read once: resumed where each cut fell
+        assert "reopening at sample" not in caplog.text
+        assert stats["io_by_worker"][0]["remote_bytes"] == sizes
+    elif prefetch == 0:
         assert "reopening at sample" in caplog.text
     assert stats["bad_samples"] == 0
     assert [b["key"] for b in batches] == [b["key"] for b in reference]
@@ -120,7 +140,12 @@ def test_cut_connections_are_retried_and_data_is_intact(
 
 
 def test_unreadable_shards_end_the_run_in_bounded_time(s3_env, s3_split, monkeypatch):
-    proxy = CuttingProxy(s3_env.endpoint_url, cut_after=30_000, cuts=10**9)
+    config = StreamConfig(
+        train_url=s3_split, shuffle_buffer=16, retries=1, retry_backoff=0.01, max_bad_samples=10**6
+    )
+    stream = ShardStream(config, rank=0, world_size=1, batch_size=BATCH)  # reads the manifest
+    # every response cut before its first byte: no GET makes progress
+    proxy = CuttingProxy(s3_env.endpoint_url, cut_after=0, cuts=10**9)
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     t0 = time.monotonic()
     try:
@@ -129,7 +154,7 @@ def test_unreadable_shards_end_the_run_in_bounded_time(s3_env, s3_split, monkeyp
             StorageError,
             match=r"s3://.*shard-00000\d\.tar: storage unreachable " + re.escape(f"at {proxy.url}"),
         ):
-            epoch(s3_split, 0, max_bad_samples=10**6, retries=1)
+            list(make_loader(stream, num_workers=0))
     finally:
         proxy.close()
     assert time.monotonic() - t0 < 60

@@ -100,12 +100,12 @@ def test_preloaded_s3_models_serve_later_clients_unless_the_data_path_changed(
     assert storage._warm_models is not None
     _, loader = storage._warm_models
     url = s3_env.make_bucket("storage-preload") + f"/{uuid.uuid4().hex}/x.bin"
-    before = storage.filesystems_created(preloaded=True)
+    before = storage.clients_created(preloaded=True)
     storage.put_atomic(url, b"payload")
     assert storage.read_bytes(url) == b"payload"
     fs, _ = storage.get_fs(url)
     assert fs.session.get_component("data_loader") is loader
-    assert storage.filesystems_created(preloaded=True) == before + 1
+    assert storage.clients_created(preloaded=True) == before + 1
 
     # another AWS_DATA_PATH: other model files may apply, so s3fs builds its own session
     monkeypatch.setenv("AWS_DATA_PATH", str(tmp_path))
@@ -113,4 +113,33 @@ def test_preloaded_s3_models_serve_later_clients_unless_the_data_path_changed(
     assert storage.read_bytes(url) == b"payload"
     fs, _ = storage.get_fs(url)
     assert fs.session.get_component("data_loader") is not loader
-    assert storage.filesystems_created(preloaded=True) == before + 1
+    assert storage.clients_created(preloaded=True) == before + 1
+
+
+def test_object_stream_resumes_the_same_object_and_refuses_a_changed_one(s3_env):
+    """open_object: one GET; a retry asks for the bytes not read yet of the same object
+    (Range + If-Match), so a resumed read is byte-identical and an overwritten object fails
+    rather than splicing two versions."""
+    url = s3_env.make_bucket("storage-object") + f"/{uuid.uuid4().hex}/x.bin"
+    payload = bytes(range(256)) * 400
+    storage.put_atomic(url, payload)
+    obj = storage.open_object(url)
+    assert obj is not None and storage.open_object("/tmp/x") is None
+    head = obj.read(1000)
+    obj.close()
+    obj.body = None  # as after a cut connection: the next read sends a ranged GET
+    assert head + obj.read() == payload and obj.pos == len(payload)
+    assert obj.read() == b""
+
+    obj = storage.open_object(url)
+    head = obj.read(1000)
+    obj.close()
+    obj.body = None
+    storage.put_atomic(url, payload[::-1])
+    with pytest.raises(OSError, match="pre-conditions"):
+        obj.read()
+
+    with pytest.raises(FileNotFoundError):
+        storage.open_object(url + ".missing").read()
+    # an option only s3fs knows: shard reads stay with s3fs
+    assert storage.open_object(url, {"requester_pays": True}) is None
