@@ -424,10 +424,12 @@ class ObjectStream:
     s3fs's streamed file (docs/PERFORMANCE.md).
 
     A transient error (a cut connection, a timeout, 5xx, throttling) is retried as s3fs
-    retries a request, ``retries`` times per stream with a short backoff: the GET is sent
-    again for the bytes not read yet (``Range``, ``If-Match`` the first response's ETag, so
-    the object cannot change under the reader). Then it raises, as do other errors, s3fs's
-    way: a missing key ``FileNotFoundError``, a refused one ``PermissionError``.
+    retries a request, ``retries`` times in a row with a short backoff: the GET is sent again
+    for the bytes not read yet (``Range``, ``If-Match`` the first response's ETag, so the
+    object cannot change under the reader); bytes read since start the count again, so a long
+    shard survives any number of cuts that each let it progress. Past that it raises, as do
+    other errors, s3fs's way: a missing key ``FileNotFoundError``, a refused one
+    ``PermissionError``.
     """
 
     BACKOFF = 0.1  # seconds before the first retry, doubled per retry
@@ -470,7 +472,7 @@ class ObjectStream:
                 self.failures += 1
                 continue
             self.pos += len(data)
-            self.eof = not data
+            self.eof, self.failures = not data, 0
             return data
         return b""
 
