@@ -1,7 +1,7 @@
 """Streaming from a real SeaweedFS S3 server through real network faults: connections cut
-mid-response by a TCP proxy are retried (the rest of the object asked for again, or the
-shard reopened and skipped to the sample), and a shard that
-stays unreadable is counted and ends the run within a bounded time, never a hang."""
+mid-response by a TCP proxy are retried (the rest of the object asked for again, or the shard
+reopened and skipped to the sample), and a shard that stays unreadable is counted and ends the
+run within a bounded time, never a hang."""
 
 from __future__ import annotations
 
