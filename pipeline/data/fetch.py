@@ -42,8 +42,9 @@ class ReadAhead(io.RawIOBase):
     """Reads a file object in a background thread, so remote I/O overlaps decoding.
 
     At most ``depth`` chunks wait in the queue and one more in the thread's hand: the bytes
-    in flight never exceed ``(depth + 1) * chunk``. ``stats`` counts ``remote_bytes`` and
-    ``remote_reads`` (chunks read).
+    in flight never exceed ``(depth + 1) * chunk``. ``read1`` hands out the chunks as read,
+    without a copy (``read(n)`` joins them to ``n`` bytes). ``stats`` counts
+    ``remote_bytes`` and ``remote_reads`` (chunks read).
     """
 
     def __init__(
@@ -55,7 +56,8 @@ class ReadAhead(io.RawIOBase):
     ):
         self.f, self.chunk, self.stats = f, chunk, stats or IOStats()
         self.q: queue.Queue = queue.Queue(depth)
-        self.buf, self.stop = memoryview(b""), threading.Event()
+        self.buf, self.at, self.ended = b"", 0, False  # the chunk being handed out
+        self.stop = threading.Event()
         self.thread = threading.Thread(target=self._fill, daemon=True, name="shard-readahead")
         self.thread.start()
 
@@ -82,20 +84,42 @@ class ReadAhead(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def _more(self) -> bool:
+        """The next chunk into ``buf``; False at the end. Raises what the thread raised."""
+        if self.ended:
+            return False
+        item = self.q.get()
+        if isinstance(item, BaseException):
+            self._put(item)  # stay failed for later reads
+            raise item
+        self.buf, self.at, self.ended = item, 0, not item
+        return bool(item)
+
+    def read1(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (``n < 0``: the rest of a chunk) from at most one chunk."""
+        if self.at >= len(self.buf) and not self._more():
+            return b""
+        if self.at == 0 and (n < 0 or n >= len(self.buf)):
+            out, self.buf = self.buf, b""  # the whole chunk, as read
+            return out
+        end = len(self.buf) if n < 0 else self.at + n
+        out, self.at = self.buf[self.at : end], min(end, len(self.buf))
+        return out
+
+    def read(self, n: int = -1) -> bytes:
+        parts, got = [], 0
+        while n < 0 or got < n:
+            part = self.read1(-1 if n < 0 else n - got)
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     def readinto(self, b) -> int:
-        if not self.buf:
-            item = self.q.get()
-            if isinstance(item, BaseException):
-                self._put(item)  # stay failed for later reads
-                raise item
-            if not item:
-                self._put(item)
-                return 0
-            self.buf = memoryview(item)
-        n = min(len(b), len(self.buf))
-        b[:n] = self.buf[:n]
-        self.buf = self.buf[n:]
-        return n
+        data = self.read1(len(b))
+        b[: len(data)] = data
+        return len(data)
 
     def close(self) -> None:
         self.stop.set()
@@ -122,7 +146,7 @@ def open_shard(
     if not storage.is_local(url):
         obj = storage.open_object(url, storage_options)
         if obj is not None:  # one GET, read in READ_CHUNK pieces by the read-ahead thread
-            return io.BufferedReader(ReadAhead(obj, stats=stats), buffer_size=READ_CHUNK)
+            return ReadAhead(obj, stats=stats)
         # s3fs: "readahead", one ranged GET per ~9 MiB rather than one per read() call
         extra = {"size": size} if size else {}
         f = storage.open_url(
@@ -134,7 +158,7 @@ def open_shard(
             cache_type="readahead",
             **extra,
         )
-        return io.BufferedReader(ReadAhead(f, stats=stats), buffer_size=READ_CHUNK)
+        return ReadAhead(f, stats=stats)
     return storage.open_url(url, "rb", storage_options, retries=0)
 
 
@@ -166,7 +190,7 @@ class ShardFiles:
         self.sha256 = sha256 or [""] * len(urls)
         self.prefetch_depth, self.cache = prefetch, cache
         self.stats = stats or IOStats()
-        self._parked: dict[int, io.BufferedReader] = {}  # streams opened ahead of use
+        self._parked: dict[int, ReadAhead] = {}  # streams opened ahead of use
         self._pending: dict[int, Future] = {}  # cache downloads in flight
         self._pool: ThreadPoolExecutor | None = None
         self._streams: set = set()  # every remote stream open now (for max_open)

@@ -143,3 +143,32 @@ def test_object_stream_resumes_the_same_object_and_refuses_a_changed_one(s3_env)
         storage.open_object(url + ".missing").read()
     # an option only s3fs knows: shard reads stay with s3fs
     assert storage.open_object(url, {"requester_pays": True}) is None
+
+
+def test_object_streams_read_to_the_end_share_one_connection(s3_env):
+    """Each object read to its end hands the connection back to the client's pool: three
+    shards, three GETs, one TCP connection; the bytes are the objects'."""
+    base = s3_env.make_bucket("storage-pool") + f"/{uuid.uuid4().hex}"
+    payloads = [bytes([i]) * (100_000 + 4_099 * i) for i in range(3)]
+    for i, payload in enumerate(payloads):
+        storage.put_atomic(f"{base}/{i}.bin", payload)
+    client = storage.open_object(f"{base}/0.bin").client  # this process's, maybe used before
+
+    def counts() -> tuple[int, int]:
+        # botocore keeps urllib3's pool manager behind its endpoint (no public accessor)
+        pools = client._endpoint.http_session._manager.pools
+        each = [pools[k] for k in pools.keys()]
+        return sum(p.num_requests for p in each), sum(p.num_connections for p in each)
+
+    requests, connections = counts()
+    for i, payload in enumerate(payloads):
+        obj = storage.open_object(f"{base}/{i}.bin")
+        parts = []
+        while part := obj.read(30_000):
+            parts.append(part)
+        obj.close()
+        assert obj.client is client
+        assert b"".join(parts) == payload and obj.left == 0
+    more_requests, more_connections = counts()
+    # one new connection at most (none if an earlier read left one in the pool)
+    assert more_requests - requests == 3 and more_connections - connections <= 1
