@@ -26,6 +26,8 @@ class Settings:
     data_batch: int = 64
     data_batch_256: int = 32  # 256x256: fewer images, smaller batches, still >= 8 batches
     data_workers: list[int] = field(default_factory=lambda: [0, 1, 2])
+    s3_goal_count: int = 0  # Fashion-MNIST training images of the S3 goal (0: all 60,000)
+    s3_goal_pairs: int = 6  # its pairs of adjacent local / S3 epochs
     # 2./3. training
     batch: int = 128  # global batch
     threads: int = 1  # torch threads per training process
@@ -66,6 +68,8 @@ class Settings:
             repeats=3,
             data_count_28=1024,
             data_count_256=256,
+            s3_goal_count=8192,
+            s3_goal_pairs=2,
             train_steps=40,
             log_every=5,
             plain_steps=30,

@@ -264,6 +264,67 @@ def _server_cpu(cpu: dict[str, list[float]], epochs: dict, count: int) -> dict:
     }
 
 
+def measure_s3_goal(
+    settings: Settings, root: Path, s3_url: str, log=print, s3_server=None, workers: int = 2
+) -> dict:
+    """Issue 16's S3 goal, measured where a short epoch cannot hide it: the whole
+    Fashion-MNIST training split (or ``settings.s3_goal_count`` of it) ingested with the
+    defaults to local and S3 shards, read at ``workers`` loader workers, batch 256; whole
+    epochs (worker start-up, clients and first GETs included). After one warm-up pair,
+    ``settings.s3_goal_pairs`` pairs of adjacent epochs, local and S3 in alternating order:
+    each pair's S3 / local ratio (a slow moment of the machine hits both of a pair), their
+    median and min-max, and the S3 server's CPU per S3 epoch (it shares these cores).
+
+    The data section's S3 rows, at 4,096 images, fetch a dataset's one or two shards before
+    their first batch and so leave most of the S3 cost out of their steady rate.
+    """
+    limit = {"limit": settings.s3_goal_count} if settings.s3_goal_count else {}
+    urls = {}
+    for where, url in (("local", str(root / "s3-goal")), ("s3", f"{s3_url}/s3-goal")):
+        config = IngestConfig(output_url=url, source="fashion_mnist", encoding="png", **limit)
+        manifest = ingest(config, progress=False)["train"]
+        urls[where] = manifest.url
+    count, batch = manifest.count, 256
+    runs = {where: stream_run(url, batch, workers) for where, url in urls.items()}
+    server = s3_server.processes() if s3_server is not None else []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in run(): the consumer only casts
+    try:
+        for run_ in runs.values():  # warm-up: page cache, forkserver, the gateway's cache
+            epoch_rates(run_)
+        pairs, server_cpu = [], []
+        for i in range(settings.s3_goal_pairs):
+            pair = {}
+            for where in ("local", "s3") if i % 2 == 0 else ("s3", "local"):
+                before = _cpu_seconds(server)
+                steady, first, whole = epoch_rates(runs[where])
+                if where == "s3" and server:
+                    server_cpu.append(_cpu_seconds(server) - before)
+                pair[where] = {"whole": rnd(whole), "steady": rnd(steady), "first": round(first, 3)}
+            pairs.append(pair)
+    finally:
+        torch.set_num_threads(threads)
+    whole = sorted(p["s3"]["whole"] / p["local"]["whole"] for p in pairs)
+    steady = sorted(p["s3"]["steady"] / p["local"]["steady"] for p in pairs)
+    out = {
+        "config": {"images": count, "batch_size": batch, "workers": workers, "pairs": len(pairs)},
+        "pairs": pairs,
+        "whole_ratio": round(median(whole), 3),
+        "whole_ratio_min_max": [round(whole[0], 3), round(whole[-1], 3)],
+        "steady_ratio": round(median(steady), 3),
+        "steady_ratio_min_max": [round(steady[0], 3), round(steady[-1], 3)],
+        "images_per_second": {
+            w: rnd(median(p[w]["whole"] for p in pairs)) for w in ("local", "s3")
+        },
+        "first_batch_seconds": {
+            w: round(median(p[w]["first"] for p in pairs), 3) for w in ("local", "s3")
+        },
+        "server_cpu_seconds_per_epoch": round(median(server_cpu), 3) if server_cpu else None,
+    }
+    log(f"data s3 goal: {out['whole_ratio']} {out['whole_ratio_min_max']} (whole epochs)")
+    return out
+
+
 def run(settings: Settings, root: Path, s3_url: str, log=print, s3_server=None) -> dict:
     out = {}
     # The consumer (this process) only casts batches, as a GPU loop's host thread does: with

@@ -196,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                     results["data_path"] = data_path.run(
                         settings, Path(work), stack.bucket("bench-data"), log, stack.s3
                     )
+                    results["s3_goal"] = data_path.measure_s3_goal(
+                        settings, Path(work), stack.bucket("bench-data"), log, stack.s3
+                    )
                 elif section == "train":
                     from bench import train_path
 

@@ -392,6 +392,7 @@ class ShardStream(IterableDataset):
                     **stats.snapshot(),
                     "s3_clients": storage.clients_created(),
                     "s3_clients_preloaded": storage.clients_created(preloaded=True),
+                    "s3_clients_forked": storage.clients_created(forked=True),
                 }
                 batch["io"] = (worker, io)
                 yield batch

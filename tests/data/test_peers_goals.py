@@ -68,3 +68,33 @@ def test_readme_peers_block_is_the_committed_run():
     assert block.group(0) == (
         block.group(1) + "\n".join(readme_block(committed)) + "\n" + block.group(2)
     )
+
+
+def test_results_md_takes_the_s3_goal_measurement_when_the_run_has_one(tmp_path):
+    """With section 1c (whole 60k epochs, paired), the goal row is its median pair ratio,
+    not the short data-section epochs' smallest ratio."""
+    from bench.report import s3_goal_section
+
+    path = tmp_path / "peers.json"
+    ratios = {"project_vs_memory": 1.0, "project_vs_litdata": 1.1, "project_vs_mds": 2.0}
+    path.write_text(json.dumps(_peers(ratios)))
+    pairs = [
+        {"local": {"whole": 100.0, "first": 0.05}, "s3": {"whole": s3, "first": 0.1}}
+        for s3 in (90.0, 96.0, 99.0)
+    ]
+    goal = {
+        "config": {"images": 60000, "batch_size": 256, "workers": 2, "pairs": 3},
+        "pairs": pairs,
+        "whole_ratio": 0.96,
+        "whole_ratio_min_max": [0.9, 0.99],
+        "steady_ratio": 0.97,
+        "steady_ratio_min_max": [0.92, 1.0],
+        "server_cpu_seconds_per_epoch": 0.1,
+    }
+    data = {"a": {"ratios": {"s3_vs_local_w2": 0.5}}}
+    text = "\n".join(peers_section({"data_path": data, "s3_goal": goal}, path))
+    row = "| Fashion-MNIST (N=60,000, whole epochs, 3 pairs) | S3 / local shards | >= 0.95 |"
+    assert f"{row} 0.960 | yes |" in text
+    section = "\n".join(s3_goal_section(goal))
+    assert "| 1 | 100 | 90 | 0.900 | 0.050 | 0.100 |" in section
+    assert "median **0.960** (min-max 0.900-0.990)" in section

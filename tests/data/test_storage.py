@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import time
 import uuid
@@ -172,3 +174,38 @@ def test_object_streams_read_to_the_end_share_one_connection(s3_env):
     more_requests, more_connections = counts()
     # one new connection at most (none if an earlier read left one in the pool)
     assert more_requests - requests == 3 and more_connections - connections <= 1
+
+
+def test_a_forked_process_takes_the_client_built_before_the_fork(s3_env):
+    """preload_s3_client (the loader workers' forkserver): a process forked after it reads
+    shards through that client instead of building one; the process that built it never
+    uses it. A different environment (other keys) gets its own client."""
+    url = s3_env.make_bucket("storage-forked") + f"/{uuid.uuid4().hex}.bin"
+    storage.put_atomic(url, b"y" * 5000)
+    storage.preload_s3_client()
+
+    def in_child(environ: dict[str, str]) -> list[int]:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: one botocore client, no event loop; leave with os._exit
+            try:
+                os.environ.update(environ)
+                data = storage.open_object(url).read()
+                out = [len(data), storage.clients_created(), storage.clients_created(forked=True)]
+            except BaseException as e:
+                out = [repr(e)]
+            finally:
+                os.write(write, json.dumps(out).encode())
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as f:
+            out = f.read()
+        os.waitpid(pid, 0)
+        return json.loads(out)
+
+    assert in_child({}) == [5000, 1, 1]  # taken, not built
+    # an environment the preloaded client was not built in: the child builds its own
+    assert in_child({"AWS_CONFIG_FILE": os.devnull}) == [5000, 1, 0]
+    before = storage.clients_created(forked=True)
+    storage.open_object(url)
+    assert storage.clients_created(forked=True) == before == 0
