@@ -427,8 +427,8 @@ class ObjectStream:
 
     The GET is sent at the first :meth:`read`, in the caller's thread (a read-ahead thread),
     and the body is read straight from the socket by ``http.client`` under urllib3 (each
-    ``read(n)`` one allocation, one copy out of the kernel; urllib3's own ``read`` copies it
-    twice more): no event loop, no read-ahead cache. Its length is checked against the
+    ``read(n)`` one allocation filled from the kernel; urllib3's own ``read`` passes every
+    chunk through its buffer as well): no event loop, no read-ahead cache. Its length is checked against the
     response's ``Content-Length``, and the connection goes back to the client's pool at the
     end. An in-process 60,000-image Fashion-MNIST epoch (139 MB) costs ~0.07 CPU-s more than
     from local shards, against ~0.3 through s3fs's streamed file (docs/PERFORMANCE.md).
