@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import struct
@@ -330,3 +331,17 @@ def chromium(
         run(budget, window, f"--screenshot={screenshot}")
         assert screenshot.stat().st_size > 0
     return run(budget, window, "--dump-dom")
+
+
+def registered_step(client, bucket: str, name: str) -> int | None:
+    """The step of the latest checkpoint Ray Train has registered for run ``name`` (its
+    checkpoint manager's snapshot under ``s3://<bucket>/ray/<name>/``), or None before the
+    first. A worker's report counts only once the controller has polled it (every 2 s), and
+    only a registration writes the snapshot."""
+    key = f"ray/{name}/checkpoint_manager_snapshot.json"
+    try:
+        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except client.exceptions.NoSuchKey:
+        return None
+    latest = json.loads(body)["latest_checkpoint_result"]
+    return latest["metrics"]["step"] if latest else None

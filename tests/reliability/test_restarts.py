@@ -11,7 +11,6 @@ down are flushed once it is back: one attempt per rank, no step replayed.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import threading
@@ -33,6 +32,7 @@ from tests.helpers import (
     make_job,
     patched_environ,
     read_keys,
+    registered_step,
 )
 
 HOLD_STEP = 16  # the end of epoch 0
@@ -68,20 +68,6 @@ def own_services():
         mlflow.stop()
         s3.again().stop()
         shutil.rmtree(state, ignore_errors=True)
-
-
-def registered_step(s3) -> int | None:
-    """The step of the latest checkpoint Ray Train's controller has registered (its checkpoint
-    manager's snapshot on S3), or None before the first."""
-    client = s3.svc.client()
-    try:
-        body = client.get_object(
-            Bucket="ckpt-restart", Key="ray/restart/checkpoint_manager_snapshot.json"
-        )["Body"].read()
-    except client.exceptions.NoSuchKey:
-        return None
-    latest = json.loads(body)["latest_checkpoint_result"]
-    return latest["metrics"]["step"] if latest else None
 
 
 @pytest.mark.slow
@@ -121,7 +107,8 @@ def test_s3_and_mlflow_restarted_mid_run_lose_nothing(
             # known gaps). So the outage starts once Ray has recorded every checkpoint
             # reported before the hold.
             while (
-                registered_step(s3) != HOLD_STEP - job.optim.checkpoint_every
+                registered_step(s3.svc.client(), "ckpt-restart", "restart")
+                != HOLD_STEP - job.optim.checkpoint_every
                 and time.monotonic() < deadline
             ):
                 time.sleep(0.2)

@@ -27,7 +27,14 @@ from pipeline.data.ingest import ingest
 from pipeline.jobs import load_job
 from pipeline.submit import runtime_env_for
 from pipeline.train import checkpoint
-from tests.helpers import LOOPBACK_IPS, keys_by_step, listening, read_keys, wait_for
+from tests.helpers import (
+    LOOPBACK_IPS,
+    keys_by_step,
+    listening,
+    read_keys,
+    registered_step,
+    wait_for,
+)
 from tests.ray_node import RayWorkerNode
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]  # its own Ray head and second node
@@ -202,21 +209,6 @@ def write_job(
     return path
 
 
-def committed_step(s3) -> int | None:
-    """The step of the latest checkpoint Ray Train has registered, from its checkpoint
-    manager's snapshot. A worker's report counts only once the controller has polled it
-    (every 2 s); a node lost before that loses the checkpoint even though its files exist."""
-    client = s3.client()
-    try:
-        body = client.get_object(
-            Bucket=f"ckpt-{NAME}", Key=f"ray/{NAME}/checkpoint_manager_snapshot.json"
-        )["Body"].read()
-    except client.exceptions.NoSuchKey:
-        return None
-    latest = json.loads(body)["latest_checkpoint_result"]
-    return latest["metrics"]["step"] if latest else None
-
-
 def test_two_nodes_split_data_and_survive_node_death(
     cluster, fmnist_url, mlflow_server, s3, tmp_path
 ):
@@ -272,7 +264,11 @@ def test_two_nodes_split_data_and_survive_node_death(
         assert not status().is_terminal(), client.get_job_logs(job_id)
         running = train_workers(head)
         assert sorted(w["node_id"] for w in running) == sorted([head_id, first_id]), running
-        wait_for(lambda: committed_step(s3) == CKPT_EVERY, 30, "the step-8 checkpoint")
+        wait_for(
+            lambda: registered_step(s3.client(), f"ckpt-{NAME}", NAME) == CKPT_EVERY,
+            30,
+            "the step-8 checkpoint",
+        )
 
         # 2. The second node dies: every process of it at once, as in a machine crash.
         t_kill = time.monotonic()
@@ -345,7 +341,7 @@ def test_two_nodes_split_data_and_survive_node_death(
     assert sorted(m.step for m in evals) == [PER_EPOCH, total]
     version = ml.get_model_version_by_alias(f"test-{NAME}", "candidate")
     assert version.run_id == run_id and version.version == "1"
-    assert committed_step(s3) == total
+    assert registered_step(s3.client(), f"ckpt-{NAME}", NAME) == total
     # the driver's last line came back through the job server
     done = re.search(rf"MLflow run {run_id} \| checkpoint (s3://ckpt-{NAME}/ray/{NAME}/\S+)", logs)
     assert done, logs[-3000:]
