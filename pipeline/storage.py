@@ -423,7 +423,8 @@ _forked_clients: dict[str, tuple[Any, int, bool]] = {}
 
 
 class ObjectStream:
-    """One S3 object read front to back with one GET through a synchronous botocore client.
+    """One S3 object read from byte ``start`` to its end with one GET (``Range`` where
+    ``start`` > 0) through a synchronous botocore client.
 
     The GET is sent at the first :meth:`read`, in the caller's thread (a read-ahead thread),
     and the body is read straight from the socket by ``http.client`` under urllib3 (each
@@ -444,17 +445,19 @@ class ObjectStream:
 
     BACKOFF = 0.1  # seconds before the first retry, doubled per retry
 
-    def __init__(self, client: Any, url: str, retries: int = DEFAULT_RETRIES - 1):
+    def __init__(self, client: Any, url: str, retries: int = DEFAULT_RETRIES - 1, start: int = 0):
         self.client, self.url, self.retries = client, url, retries
         self.bucket, _, self.key = url.split("://", 1)[1].partition("/")
-        self.body, self.pos, self.etag, self.failures, self.eof = None, 0, "", 0, False
+        self.body, self.pos, self.etag, self.failures, self.eof = None, start, "", 0, False
         self.raw: http.client.HTTPResponse | None = None  # the body's socket reader
         self.left = 0  # bytes the current response has yet to deliver
 
     def _get(self) -> None:
         from botocore.exceptions import ClientError
 
-        extra = {"Range": f"bytes={self.pos}-", "IfMatch": self.etag} if self.pos else {}
+        extra = {"Range": f"bytes={self.pos}-"} if self.pos else {}
+        if self.etag:
+            extra["IfMatch"] = self.etag
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self.key, **extra)
         except ClientError as e:
@@ -513,10 +516,12 @@ class ObjectStream:
             self.body.close()
 
 
-def open_object(url: str, storage_options: dict | None = None) -> ObjectStream | None:
-    """A one-GET reader of the S3 object at ``url`` (:class:`ObjectStream`) through this
-    process's client for these options, or None where s3fs must read it (a local URL, or an
-    option a plain botocore client does not reproduce)."""
+def open_object(
+    url: str, storage_options: dict | None = None, start: int = 0
+) -> ObjectStream | None:
+    """A one-GET reader of the S3 object at ``url`` from byte ``start`` (:class:`ObjectStream`)
+    through this process's client for these options, or None where s3fs must read it (a local
+    URL, or an option a plain botocore client does not reproduce)."""
     if _protocol(url) not in ("s3", "s3a"):
         return None
     options = _options(url, storage_options)  # the same checks and options as get_fs'
@@ -535,7 +540,7 @@ def open_object(url: str, storage_options: dict | None = None) -> ObjectStream |
             else:
                 client = _object_client(options)
             _object_clients[(pid, token)] = client
-    return ObjectStream(client, url)
+    return ObjectStream(client, url, start=start)
 
 
 def _object_token(options: dict) -> str:

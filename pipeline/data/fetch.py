@@ -138,13 +138,15 @@ def open_shard(
     storage_options: dict | None = None,
     size: int | None = None,
     stats: IOStats | None = None,
+    start: int = 0,
 ):
-    """A readable stream of the shard at ``url`` (remote reads are prefetched).
+    """A readable stream of the shard at ``url`` from byte ``start`` (remote reads are
+    prefetched).
 
     ``size`` (from the manifest) saves a HEAD request per remote shard.
     """
     if not storage.is_local(url):
-        obj = storage.open_object(url, storage_options)
+        obj = storage.open_object(url, storage_options, start)
         if obj is not None:  # one GET, read in READ_CHUNK pieces by the read-ahead thread
             return ReadAhead(obj, stats=stats)
         # s3fs: "readahead", one ranged GET per ~9 MiB rather than one per read() call
@@ -158,8 +160,13 @@ def open_shard(
             cache_type="readahead",
             **extra,
         )
+        if start:
+            f.seek(start)
         return ReadAhead(f, stats=stats)
-    return storage.open_url(url, "rb", storage_options, retries=0)
+    f = storage.open_url(url, "rb", storage_options, retries=0)
+    if start:
+        f.seek(start)
+    return f
 
 
 class ShardFiles:
@@ -198,8 +205,9 @@ class ShardFiles:
     def _cached(self, i: int) -> bool:
         return self.cache is not None and 0 < self.sizes[i] and not storage.is_local(self.urls[i])
 
-    def _stream(self, i: int):
-        f = open_shard(self.urls[i], self.storage_options, self.sizes[i] or None, self.stats)
+    def _stream(self, i: int, start: int = 0):
+        size = self.sizes[i] or None
+        f = open_shard(self.urls[i], self.storage_options, size, self.stats, start)
         if not storage.is_local(self.urls[i]):
             self.stats.add("opened")
             self._streams.add(f)
@@ -220,18 +228,23 @@ class ShardFiles:
             self._parked[i] = self._stream(i)
         self.stats.add("prefetched")
 
-    def open(self, i: int):
-        """Shard ``i`` as a readable binary stream; the caller closes it."""
+    def open(self, i: int, start: int = 0):
+        """Shard ``i`` as a readable binary stream from byte ``start``; the caller closes it."""
         if i in self._parked:
-            return self._parked.pop(i)
+            f = self._parked.pop(i)
+            if not start:
+                return f
+            f.close()  # fetched from its first byte: ask for the rest only
         if i in self._pending:
             f = self._pending.pop(i).result()  # raises what the download raised
         elif self._cached(i):
             f = self._from_cache(i)
         else:
-            return self._stream(i)
+            return self._stream(i, start)
         if f is None:  # did not fit in the cache, or did not match the manifest
-            return self._stream(i)
+            return self._stream(i, start)
+        if start:
+            f.seek(start)
         return f
 
     def _from_cache(self, i: int):

@@ -41,6 +41,7 @@ WINDOW = 4096  # samples in flight per pool.imap: bounds the results waiting in 
 MAX_PENDING_UPLOADS = 4  # shards built but not yet published: bounds their bytes in memory
 _TAR_END = 1024  # two zero blocks close a tar
 _RECORD = tarfile.RECORDSIZE  # a tar file is padded to whole 10 KiB records
+INDEX_BYTES = 4 << 20  # a shard's index has a (sample, offset) pair per this many bytes
 
 
 @dataclass
@@ -201,6 +202,7 @@ class ShardWriter:
         self.buf = io.BytesIO()
         self.tar = tarfile.open(fileobj=self.buf, mode="w", format=tarfile.USTAR_FORMAT)
         self.count, self.bytes = 0, _TAR_END
+        self.index: list[tuple[int, int]] = []  # (sample, offset of its first header)
 
     def add(self, e: Encoded, position: int = 0, stats: IngestStats | None = None) -> None:
         """Append ``e``, the sample at ``position`` in the split's order; ``stats`` counts the
@@ -215,6 +217,8 @@ class ShardWriter:
         )
         if self.count and full:
             self.flush(position, stats)
+        if self.tar.offset - (self.index[-1][1] if self.index else 0) >= INDEX_BYTES:
+            self.index.append((self.count, self.tar.offset))
         _member(self.tar, f"{e.key}.{self.ext}", e.data)
         if e.label >= 0:
             _member(self.tar, f"{e.key}.cls", str(e.label).encode())
@@ -224,21 +228,29 @@ class ShardWriter:
         if not self.count:
             return
         self.tar.close()
-        data, count = self.buf.getvalue(), self.count
+        data, count, index = self.buf.getvalue(), self.count, tuple(self.index)
         name = SHARD_NAME.format(len(self.done) + len(self.futures))
         pending = [f for f in self.futures if not f.done()]
         if len(pending) >= MAX_PENDING_UPLOADS:  # the store is slower than encoding: wait
             pending[0].result()
         state = stats.state() if stats is not None else None
-        self.futures.append(self.pool.submit(self._publish, name, data, count, position, state))
+        self.futures.append(
+            self.pool.submit(self._publish, name, data, count, index, position, state)
+        )
         self._open()
 
     def _publish(
-        self, name: str, data: bytes, count: int, position: int, state: dict | None
+        self,
+        name: str,
+        data: bytes,
+        count: int,
+        index: tuple[tuple[int, int], ...],
+        position: int,
+        state: dict | None,
     ) -> ShardInfo:
         url = storage.join(self.url, name)
         storage.put_atomic(url, data, self.config.storage_options)
-        info = ShardInfo(name, count, len(data), hashlib.sha256(data).hexdigest())
+        info = ShardInfo(name, count, len(data), hashlib.sha256(data).hexdigest(), index)
         if self.journal is not None and state is not None:
             self.journal.record(info, position, state)
         return info

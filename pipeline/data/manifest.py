@@ -7,7 +7,7 @@ Format (``version`` 1)::
       "split": "train",
       "count": 600,                       # samples over all shards
       "shards": [{"name": "shard-000000.tar", "samples": 128, "bytes": 181760,
-                  "sha256": "9f2c..."}, ...],
+                  "sha256": "9f2c...", "index": [[1800, 4194816], ...]}, ...],
       "stats": {"count": 600, "width": 28, "height": 28, "mode": "L", "channels": 1,
                 "mean": [0.286], "std": [0.353], "encoding": "png",
                 "classes": ["T-shirt/top", ...]},
@@ -17,6 +17,12 @@ Format (``version`` 1)::
 ``width``/``height`` are 0 when the images' sizes differ. A shard is a plain tar holding
 ``{key}.png`` (or ``.jpg``) plus ``{key}.cls`` (the label as ASCII digits) per sample, in
 order; keys are unique over splits, e.g. ``train-00001234``.
+
+``index`` (optional; absent in manifests written before it) lists ``[sample, offset]`` pairs:
+the byte offset in the shard of the tar header that starts that sample, one pair per
+``pipeline.data.ingest.INDEX_BYTES`` (4 MiB) of shard, sample 0 at offset 0 left out. A
+reader whose work starts inside a shard opens it at the last pair at or before its first
+sample (a ranged GET, or a seek) instead of reading the shard from its first byte.
 """
 
 from __future__ import annotations
@@ -37,6 +43,10 @@ class ShardInfo:
     samples: int
     bytes: int
     sha256: str
+    index: tuple[tuple[int, int], ...] = ()  # (sample, byte offset of its first header)
+
+    def __post_init__(self):  # from JSON (the manifest, the ingest journal): lists
+        object.__setattr__(self, "index", tuple((int(s), int(o)) for s, o in self.index))
 
 
 @dataclass
@@ -62,7 +72,7 @@ class Manifest:
             "version": self.version,
             "split": self.split,
             "count": self.count,
-            "shards": [asdict(s) for s in self.shards],
+            "shards": [_shard_doc(s) for s in self.shards],
             "stats": self.stats,
             "ingest": self.ingest,
         }
@@ -76,7 +86,13 @@ class Manifest:
             if doc.get("version") != VERSION:
                 raise DataError(f"{where}: unsupported manifest version {doc.get('version')!r}")
             shards = [
-                ShardInfo(str(s["name"]), int(s["samples"]), int(s["bytes"]), str(s["sha256"]))
+                ShardInfo(
+                    str(s["name"]),
+                    int(s["samples"]),
+                    int(s["bytes"]),
+                    str(s["sha256"]),
+                    _index(s.get("index", ()), s["name"], int(s["samples"]), int(s["bytes"])),
+                )
                 for s in doc["shards"]
             ]
             manifest = cls(
@@ -93,6 +109,27 @@ class Manifest:
                 f"{where}: count {doc['count']} != sum of shard samples {manifest.count}"
             )
         return manifest
+
+
+def _shard_doc(s: ShardInfo) -> dict:
+    doc = asdict(s)
+    if s.index:
+        doc["index"] = [list(pair) for pair in s.index]
+    else:  # manifests without an index stay as they were
+        del doc["index"]
+    return doc
+
+
+def _index(pairs, name: str, samples: int, size: int) -> tuple[tuple[int, int], ...]:
+    """A shard's index pairs, checked: samples and offsets strictly increasing, inside the
+    shard, on 512-byte tar blocks."""
+    index = tuple((int(s), int(o)) for s, o in pairs)
+    last = (0, 0)
+    for s, o in index:
+        if not (last[0] < s < samples and last[1] < o < size and o % 512 == 0):
+            raise ValueError(f"{name}: index pair {[s, o]} out of order or outside the shard")
+        last = (s, o)
+    return index
 
 
 def read_manifest(

@@ -15,6 +15,7 @@ sample being assembled when a tar breaks counts as lost too: it may be missing m
 
 from __future__ import annotations
 
+import bisect
 import logging
 import re
 import tarfile
@@ -322,8 +323,10 @@ class ShardReader:
         cache: ShardCache | None = None,
         schedule: Iterable[int] | None = None,
         stats: IOStats | None = None,
+        index: list[tuple[tuple[int, int], ...]] | None = None,
     ):
         self.urls, self.counts = urls, counts
+        self.index = index or [()] * len(urls)
         self.retries, self.backoff = retries, backoff
         self.stats = stats or (cache.stats if cache is not None else IOStats())
         if cache is not None:
@@ -373,18 +376,25 @@ class ShardReader:
             if i != shard and i not in self._open:
                 self.files.prefetch(i)
 
-    def _reopen(self, shard: int) -> _Open:
+    def _reopen(self, shard: int, target: int) -> _Open:
+        """Open ``shard`` at its index's last pair at or before sample ``target``."""
         self._close(shard)
         fast = shard not in self._webdataset_only
-        stream = self.files.open(shard)
+        at = bisect.bisect_right(self.index[shard], (target, float("inf")))
+        first, offset = self.index[shard][at - 1] if at else (0, 0)
+        if offset:
+            self.stats.add("opened_inside")
+            self.stats.add("bytes_skipped", offset)
+        stream = self.files.open(shard, offset)
         handle = self._open[shard] = _Open(stream, tar_samples(stream, self.urls[shard], fast))
+        handle.next = first
         return handle
 
     def _next_sample(self, shard: int, target: int) -> dict | None:
         """The sample at ``target``, reading forward; ``None`` if the shard ends first."""
         handle = self._open.get(shard)
         if handle is None or handle.next > target:
-            handle = self._reopen(shard)
+            handle = self._reopen(shard, target)
         while True:
             sample = next(handle.samples, None)
             if sample is None:

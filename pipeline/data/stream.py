@@ -368,6 +368,7 @@ class ShardStream(IterableDataset):
             # the same arithmetic on its own plan object: the shards this worker will visit
             schedule=_visits(self._fetches(plan(), work)),
             stats=stats,
+            index=[s.index for s in self.manifest.shards],
         )
         stages = [
             stage(
