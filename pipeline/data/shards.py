@@ -3,7 +3,8 @@
 Members are grouped into samples as webdataset's ``group_by_keys`` does; the members come from
 :func:`ustar_files`, a strict ustar parser ~20x faster than ``tarfile`` on small images, or,
 for tars using pax/GNU extensions, from webdataset's ``tar_file_iterator``. A shard stays
-open between calls so consecutive blocks of the plan continue where the last stopped, and,
+open between calls so consecutive blocks of the plan continue where the last stopped (a
+shard entered at sample k is opened at the manifest index's last pair at or before k), and,
 given the order of shards to come, the next ``prefetch`` are fetched while one is decoded
 (bytes arrive through :mod:`pipeline.data.fetch`, optionally from a local cache).
 A transient storage error (a dropped S3 connection mid-shard) reopens the shard and skips
