@@ -115,30 +115,36 @@ class RestartableS3:
         self.again().stop()
 
 
-def synthetic_split_on_s3(s3, bucket: str, count: int, shard_samples: int) -> str:
-    """``count`` synthetic 32x32 RGB images ingested into a fresh folder of ``bucket`` on the
-    test S3 (``shard_samples`` per shard, no test split); returns the train split's URL."""
-    import uuid
-
+def synthetic_split(url: str, count: int, shard_samples: int) -> str:
+    """``count`` synthetic 32x32 RGB images ingested under ``url`` (``shard_samples`` per
+    shard, no test split); returns the train split's URL."""
     from pipeline.data.config import IngestConfig
     from pipeline.data.ingest import ingest
 
-    with patched_environ(s3.env):
-        url = s3.make_bucket(bucket) + f"/{uuid.uuid4().hex}"
-        ingest(
-            IngestConfig(
-                output_url=url,
-                source="synthetic",
-                synthetic_count=count,
-                synthetic_size=32,
-                synthetic_mode="RGB",
-                shard_samples=shard_samples,
-                test_fraction=0.0,
-                workers=1,
-            ),
-            progress=False,
-        )
+    ingest(
+        IngestConfig(
+            output_url=url,
+            source="synthetic",
+            synthetic_count=count,
+            synthetic_size=32,
+            synthetic_mode="RGB",
+            shard_samples=shard_samples,
+            test_fraction=0.0,
+            workers=1,
+        ),
+        progress=False,
+    )
     return f"{url}/train"
+
+
+def synthetic_split_on_s3(s3, bucket: str, count: int, shard_samples: int) -> str:
+    """:func:`synthetic_split` into a fresh folder of ``bucket`` on the test S3."""
+    import uuid
+
+    with patched_environ(s3.env):
+        return synthetic_split(
+            s3.make_bucket(bucket) + f"/{uuid.uuid4().hex}", count, shard_samples
+        )
 
 
 def png(pixels: np.ndarray) -> bytes:

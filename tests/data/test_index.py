@@ -12,14 +12,13 @@ import uuid
 
 import pytest
 
-from pipeline import storage
 from pipeline.data import ingest as ingest_module
-from pipeline.data.config import IngestConfig, StreamConfig
+from pipeline.data.config import StreamConfig
 from pipeline.data.errors import DataError
-from pipeline.data.ingest import ingest
 from pipeline.data.manifest import Manifest, read_manifest
 from pipeline.data.shards import tar_samples
 from pipeline.data.stream import ShardStream, make_loader
+from tests.helpers import synthetic_split
 
 COUNT, BATCH = 96, 8  # one shard; unshuffled at 2 loader workers: samples 0-47 and 48-95
 INDEX_BYTES = 16 << 10  # ~5 samples of 32x32 RGB PNG between index pairs
@@ -27,18 +26,7 @@ INDEX_BYTES = 16 << 10  # ~5 samples of 32x32 RGB PNG between index pairs
 
 def ingest_one_shard(url: str, monkeypatch) -> str:
     monkeypatch.setattr(ingest_module, "INDEX_BYTES", INDEX_BYTES)
-    config = IngestConfig(
-        output_url=url,
-        source="synthetic",
-        synthetic_count=COUNT,
-        synthetic_size=32,
-        synthetic_mode="RGB",
-        shard_samples=COUNT,
-        test_fraction=0.0,
-        workers=1,
-    )
-    ingest(config, progress=False)
-    return storage.join(url, "train")
+    return synthetic_split(url, COUNT, COUNT)
 
 
 def expected_index(data: bytes) -> list[tuple[int, int]]:
