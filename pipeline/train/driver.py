@@ -76,9 +76,12 @@ def ray_train_env(job: TrainJob) -> dict[str, str]:
     ``RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S``: a worker process that stops answering the
     controller's poll (SIGSTOPped, hung) is dead after the same time (Ray: 10 min), wherever
     the other ranks wait. ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``: placing a worker group
-    waits ``scaling.worker_start_timeout_s`` for resources (a controller failure)."""
+    waits ``scaling.worker_start_timeout_s`` for resources (a controller failure).
+    ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``: the controller polls the workers, and takes
+    their next report, every ``scaling.poll_interval_s`` (Ray: 2 s)."""
     s = job.scaling
     return {
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(s.poll_interval_s),
         "RAY_TRAIN_COLLECTIVE_TIMEOUT_S": str(s.collective_timeout_s),
         "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": str(s.collective_timeout_s),
         "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(s.worker_start_timeout_s),

@@ -13,7 +13,7 @@ import torch
 from pipeline.model import VAE
 from pipeline.model.config import ModelConfig
 from pipeline.train.config import TrainJob
-from pipeline.train.driver import torch_config, worker_env
+from pipeline.train.driver import ray_train_env, torch_config, worker_env
 from pipeline.train.step import FP32, Objective, Precision, prepare_layout, train_step
 from pipeline.typed import build
 from tests.helpers import require
@@ -150,3 +150,25 @@ def test_process_group_backend_and_collective_timeout():
     assert worker_env(gpu, {"A": "1"}) == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "A": "1"}
     off = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"}
     assert worker_env(gpu, off) == off  # the job yaml may turn it off
+
+
+def test_ray_train_env_is_read_by_ray_trains_controller():
+    """Every variable the driver sets is one Ray Train reads and hands to its controller and
+    workers: a renamed one would silently fall back to Ray's default (a 2 s poll, which made
+    each checkpoint after the first wait ~1.2-1.8 s; 10 min health check)."""
+    from ray.train.v2._internal import constants
+
+    job = build(
+        TrainJob,
+        {
+            "data": {"train_url": "s3://b/t"},
+            "scaling": {"collective_timeout_s": 90, "worker_start_timeout_s": 30},
+        },
+    )
+    assert ray_train_env(job) == {
+        constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR: "0.5",
+        constants.COLLECTIVE_TIMEOUT_S_ENV_VAR: "90",
+        constants.WORKER_HEALTH_CHECK_TIMEOUT_S_ENV_VAR: "90",
+        constants.WORKER_GROUP_START_TIMEOUT_S_ENV_VAR: "30",
+    }
+    assert set(ray_train_env(job)) <= constants.ENV_VARS_TO_PROPAGATE
