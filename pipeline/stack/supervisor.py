@@ -238,18 +238,22 @@ class Service:
 
         SIGTERM goes to the leader first, which shuts its children down in order (Ray: ~4s;
         ~15s when all its processes get it at once); what is left after ``timeout`` gets
-        SIGTERM, then SIGKILL.
+        SIGTERM (unless it already had one), then SIGKILL.
         """
         timeout = self.stop_timeout if timeout is None else timeout
         rec, procs, leader = self._record(), self.processes(), self.leader()
-        for p in [leader] if leader is not None else procs:
+        termed = [leader] if leader is not None else procs
+        for p in termed:
             send_signal(p, signal.SIGTERM)
         wait_gone(procs, timeout)
         leftover = [p for p in procs if alive(p)] + [p for p in self.processes() if p not in procs]
-        for sig, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
-            for p in leftover:
-                send_signal(p, sig)
-            wait_gone(leftover, wait)
+        not_termed = [p for p in leftover if p not in termed]
+        for p in not_termed:
+            send_signal(p, signal.SIGTERM)
+        wait_gone(not_termed, 2.0)
+        for p in leftover:
+            send_signal(p, signal.SIGKILL)
+        wait_gone(leftover, 5.0)
         if self._popen is not None:
             self._popen.poll()  # reap
             self._popen = None

@@ -101,7 +101,7 @@ def test_s3_and_mlflow_restarted_mid_run_lose_nothing(
             while not Path(f"{hold}.reached").exists() and time.monotonic() < deadline:
                 time.sleep(0.1)
             # Ray Train's controller writes its checkpoint manager's snapshot to S3 (pyarrow,
-            # no retry) when it registers a checkpoint, polling the workers every 2 s: on a
+            # no retry) when it registers a checkpoint, at its next poll of the workers: on a
             # busy machine the checkpoint before the hold can still be pending, and S3
             # stopped under that write fails the run in Ray's code, not ours (RELIABILITY.md,
             # known gaps). So the outage starts once Ray has recorded every checkpoint
