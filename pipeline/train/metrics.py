@@ -62,6 +62,8 @@ class WorkerMetrics:
             "time to write a checkpoint",
             (0.1, 0.3, 1, 3, 10, 30, 100),
         )
+        self.scrapes = ScrapeCount()
+        r.register(self.scrapes)
         self.port = None
         self.sd_file: Path | None = None
         if port >= 0:
@@ -86,15 +88,33 @@ class WorkerMetrics:
                 tmp.replace(self.sd_file)  # Prometheus never reads a half-written target file
 
     def close(self, linger: float = 0.0) -> None:
-        """Stop serving; ``linger`` seconds first, so Prometheus scrapes the final values."""
+        """Stop serving; first wait, at most ``linger`` seconds, for the next scrape, so
+        Prometheus has the final values (a run shorter than its target discovery, ~5 s for
+        ``file_sd``, would otherwise never be scraped)."""
         if linger > 0 and self.port is not None:
-            time.sleep(linger)
+            seen, deadline = self.scrapes.count, time.monotonic() + linger
+            while self.scrapes.count == seen and time.monotonic() < deadline:
+                time.sleep(0.05)
         if self.sd_file is not None:
             self.sd_file.unlink(missing_ok=True)
         if self.port is not None:
             self.server.shutdown()
             self.server.server_close()
             self.port = None
+
+
+class ScrapeCount:
+    """A collector with no metrics that counts the scrapes of its registry."""
+
+    def __init__(self):
+        self.count = 0
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> list:
+        self.count += 1
+        return []
 
 
 def serve(port: int, host: str, registry: CollectorRegistry, wait: float = 10.0):

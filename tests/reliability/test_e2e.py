@@ -135,7 +135,11 @@ def train_doc(
         "kind": "train",
         "entrypoint": "python -m pipeline train job.yaml",
         "runtime_env": {
-            "env_vars": {"PIPELINE_FAULT_NAN_STEP": "5", "PIPELINE_METRICS_LINGER": "3"}
+            "env_vars": {
+                "PIPELINE_FAULT_NAN_STEP": "5",
+                # the endpoint stays up until Prometheus has scraped it once more
+                **({"PIPELINE_METRICS_LINGER": "60"} if sd_dir else {}),
+            }
         },
         "config": {
             "data": data_cfg,

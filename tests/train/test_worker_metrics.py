@@ -101,3 +101,26 @@ def test_a_port_held_for_good_fails_naming_the_endpoint():
             metrics.serve(port, "127.0.0.1", holder.registry, wait=0.6)
     finally:
         holder.close()
+
+
+def test_close_lingers_until_the_next_scrape_and_no_longer():
+    m = WorkerMetrics("run", 0, 0)
+    m.step.set(7)
+    port = m.port
+    scraped: list[str] = []
+    # one scrape, 0.5 s into a linger of 120 s: close returns once it has read the values
+    threading.Timer(0.5, lambda: scraped.append(scrape(port))).start()
+    m.close(linger=120)
+    assert m.scrapes.count == 1 and m.port is None
+    assert 'vae_train_step{rank="0",run="run"} 7.0' in scraped[0]
+    with pytest.raises(OSError):
+        scrape(port)  # closed
+
+
+def test_close_without_a_scrape_waits_the_linger_and_closes():
+    m = WorkerMetrics("run", 0, 0)
+    port = m.port
+    m.close(linger=0.3)
+    assert m.scrapes.count == 0 and m.port is None
+    with pytest.raises(OSError):
+        scrape(port)
