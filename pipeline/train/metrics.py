@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -90,11 +91,15 @@ class WorkerMetrics:
     def close(self, linger: float = 0.0) -> None:
         """Stop serving; first wait, at most ``linger`` seconds, for the next scrape, so
         Prometheus has the final values (a run shorter than its target discovery, ~5 s for
-        ``file_sd``, would otherwise never be scraped)."""
+        ``file_sd``, would otherwise never be scraped), and until that scrape's response is
+        sent: the process may exit as soon as this returns."""
         if linger > 0 and self.port is not None:
             seen, deadline = self.scrapes.count, time.monotonic() + linger
             while self.scrapes.count == seen and time.monotonic() < deadline:
                 time.sleep(0.05)
+            handler = self.scrapes.thread
+            if self.scrapes.count != seen and handler is not None:
+                handler.join(timeout=10.0)  # Prometheus's default scrape timeout
         if self.sd_file is not None:
             self.sd_file.unlink(missing_ok=True)
         if self.port is not None:
@@ -104,15 +109,19 @@ class WorkerMetrics:
 
 
 class ScrapeCount:
-    """A collector with no metrics that counts the scrapes of its registry."""
+    """A collector with no metrics that counts the scrapes of its registry, and keeps the
+    thread of the last one (the endpoint serves each request in a thread of its own, which
+    ends once the response is sent)."""
 
     def __init__(self):
         self.count = 0
+        self.thread: threading.Thread | None = None
 
     def describe(self) -> list:
         return []
 
     def collect(self) -> list:
+        self.thread = threading.current_thread()
         self.count += 1
         return []
 

@@ -108,10 +108,12 @@ def test_close_lingers_until_the_next_scrape_and_no_longer():
     m.step.set(7)
     port = m.port
     scraped: list[str] = []
-    # one scrape, 0.5 s into a linger of 120 s: close returns once it has read the values
-    threading.Timer(0.5, lambda: scraped.append(scrape(port))).start()
+    # one scrape, 0.5 s into a linger of 120 s: close returns once it has sent the values
+    scraper = threading.Timer(0.5, lambda: scraped.append(scrape(port)))
+    scraper.start()
     m.close(linger=120)
     assert m.scrapes.count == 1 and m.port is None
+    scraper.join(10)  # the scraper's own thread has yet to append what it read
     assert 'vae_train_step{rank="0",run="run"} 7.0' in scraped[0]
     with pytest.raises(OSError):
         scrape(port)  # closed
@@ -124,3 +126,38 @@ def test_close_without_a_scrape_waits_the_linger_and_closes():
     assert m.scrapes.count == 0 and m.port is None
     with pytest.raises(OSError):
         scrape(port)
+
+
+LAST_WORDS = """
+import sys, time
+from pipeline.train.metrics import WorkerMetrics
+
+class Slow:  # collected after the scrape is counted: the response is sent 0.5 s later
+    def describe(self):
+        return []
+    def collect(self):
+        time.sleep(0.5)
+        return []
+
+m = WorkerMetrics("run", 0, 0)
+m.step.set(7)
+m.registry.register(Slow())
+print(m.port, flush=True)
+m.close(linger=60)
+"""
+
+
+def test_a_worker_exiting_right_after_close_still_answers_the_last_scrape():
+    # the process ends as soon as close returns (as a training worker does): close must not
+    # return before the response of the scrape it waited for is sent
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", LAST_WORDS], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(child.stdout.readline())
+        assert 'vae_train_step{rank="0",run="run"} 7.0' in scrape(port)
+        assert child.wait(10) == 0
+    finally:
+        child.kill()
+        child.wait()
