@@ -98,7 +98,7 @@ class WorkerMetrics:
             while self.scrapes.count == seen and time.monotonic() < deadline:
                 time.sleep(0.05)
             handler = self.scrapes.thread
-            if self.scrapes.count != seen and handler is not None:
+            if self.scrapes.count != seen and handler not in (None, threading.current_thread()):
                 handler.join(timeout=10.0)  # Prometheus's default scrape timeout
         if self.sd_file is not None:
             self.sd_file.unlink(missing_ok=True)
