@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import urllib.request
 
@@ -129,7 +131,7 @@ def test_close_without_a_scrape_waits_the_linger_and_closes():
 
 
 LAST_WORDS = """
-import sys, time
+import time
 from pipeline.train.metrics import WorkerMetrics
 
 class Slow:  # collected after the scrape is counted: the response is sent 0.5 s later
@@ -150,9 +152,6 @@ m.close(linger=60)
 def test_a_worker_exiting_right_after_close_still_answers_the_last_scrape():
     # the process ends as soon as close returns (as a training worker does): close must not
     # return before the response of the scrape it waited for is sent
-    import subprocess
-    import sys
-
     child = subprocess.Popen([sys.executable, "-c", LAST_WORDS], stdout=subprocess.PIPE, text=True)
     try:
         port = int(child.stdout.readline())
