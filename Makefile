@@ -15,6 +15,10 @@ $(error TORCH=$(TORCH): use TORCH=cpu (default) or TORCH=cuda)
 endif
 # The suite's 25 slowest tests are listed at the end of `make test`, so CI shows where its time goes.
 PYTEST_ARGS ?= --durations=25
+# `make test` runs the suite in TEST_PROCS pytest processes (pytest-xdist), each test file whole in
+# one of them, each process with its own services (tests/conftest.py): the tests mostly wait on
+# servers and Ray, so 2 processes on 2 cores took 12.4 min where one took 15-16.7. 1: one process.
+TEST_PROCS ?= 2
 
 .PHONY: install test test-fast lint up down status demo bench bench-quality bench-ingest bench-scale-e2e bench-readme bench-peers bench-peers-venv bench-peers-lock gpu-check gpu-device clean help
 
@@ -69,7 +73,7 @@ lock:
 	printf 'torch==$(TORCH_VERSION)\npip\n' | $(UV_COMPILE) -o requirements/lock-cuda.txt
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(if $(filter-out 1,$(TEST_PROCS)),-n $(TEST_PROCS) --dist loadfile) $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not services and not slow" $(PYTEST_ARGS)

@@ -3,7 +3,9 @@ that does not ask for Ray never starts Ray. Every fixture stops exactly the proc
 started (pipeline.stack.Service.stop), also when the session is interrupted. A test that
 uses one of them, directly or through another fixture, is marked ``services``
 (``make test-fast`` deselects those); a test that starts servers itself says so with
-``@pytest.mark.services``.
+``@pytest.mark.services``. Under ``pytest -n N`` (``make test``: pytest-xdist, each test file
+whole in one process) every process starts its own services, on free ports and in its own
+state dir.
 
     s3              SeaweedFS: .endpoint_url .access_key .secret_key .env .make_bucket(name)
     s3_env          (function) os.environ patched with s3.env; returns s3
