@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 
 import pytest
@@ -156,18 +157,23 @@ def test_a_worker_exiting_right_after_close_still_answers_the_last_scrape():
     child = subprocess.Popen([sys.executable, "-c", LAST_WORDS], stdout=subprocess.PIPE, text=True)
     try:
         port = int(child.stdout.readline())
-        for _ in range(3):
-            # every response arrives whole; the one that ends the child's linger too
-            assert 'vae_train_step{rank="0",run="run"} 7.0' in scrape(port)
+        for attempt in range(3):
             try:
-                assert child.wait(5) == 0
+                text = scrape(port)
+            except urllib.error.URLError as e:  # refused: closed after a whole response
+                if attempt == 0 or not isinstance(e.reason, ConnectionRefusedError):
+                    raise
+                break
+            # every response arrives whole; the one that ends the child's linger too
+            assert 'vae_train_step{rank="0",run="run"} 7.0' in text
+            try:
+                child.wait(10)
                 break
             except subprocess.TimeoutExpired:
                 # scraped before the child's close began to wait (a loaded machine can hold
                 # the child between its print and close): close waits for the next scrape
                 continue
-        else:
-            pytest.fail("the child never returned from close(linger=60)")
+        assert child.wait(10) == 0
     finally:
         child.kill()
         child.wait()
