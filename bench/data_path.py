@@ -25,11 +25,11 @@ from bench.common import Settings, median, ratio, rnd
 from pipeline import storage
 from pipeline.data import WORKER_PRELOAD
 from pipeline.data.bench import folder_run, memory_run, stream_run, timed_epoch
-from pipeline.data.config import IngestConfig
+from pipeline.data.config import IngestConfig, StreamConfig
 from pipeline.data.ingest import ingest
 from pipeline.data.shards import tar_samples
 from pipeline.data.sources import synthetic_image
-from pipeline.data.stream import as_is
+from pipeline.data.stream import ShardStream, as_is, make_loader
 from pipeline.data.transforms import (
     batched,
     collate,
@@ -304,6 +304,17 @@ def measure_s3_goal(
             pairs.append(pair)
     finally:
         torch.set_num_threads(threads)
+    # one more S3 epoch, untimed, for the bytes its GETs asked for against the shards' bytes
+    stream = ShardStream(
+        StreamConfig(train_url=urls["s3"]),
+        rank=0,
+        world_size=1,
+        batch_size=batch,
+        num_workers=workers,
+    )
+    for _ in make_loader(stream):
+        pass
+    fetched = sum(io_.get("remote_bytes", 0) for io_ in stream.stats()["io_by_worker"].values())
     whole = sorted(p["s3"]["whole"] / p["local"]["whole"] for p in pairs)
     steady = sorted(p["s3"]["steady"] / p["local"]["steady"] for p in pairs)
     out = {
@@ -320,6 +331,7 @@ def measure_s3_goal(
             w: round(median(p[w]["first"] for p in pairs), 3) for w in ("local", "s3")
         },
         "server_cpu_seconds_per_epoch": round(median(server_cpu), 3) if server_cpu else None,
+        "s3_bytes_per_epoch": {"fetched": fetched, "shards": sum(s.bytes for s in manifest.shards)},
     }
     log(f"data s3 goal: {out['whole_ratio']} {out['whole_ratio_min_max']} (whole epochs)")
     return out

@@ -777,6 +777,12 @@ def s3_goal_section(goal: dict) -> list[str]:
             if cpu is not None
             else ""
         )
+        + (
+            f" One S3 epoch's GETs (both workers) asked for {got['fetched'] / 1e6:.1f} MB;"
+            f" the shards hold {got['shards'] / 1e6:.1f} MB."
+            if (got := goal.get("s3_bytes_per_epoch"))
+            else ""
+        )
         + " The data section's S3 rows (4,096 images) fetch their one or two shards before "
         "the first batch, so their steady rate leaves most of the S3 cost out.",
         "",

@@ -423,8 +423,9 @@ _forked_clients: dict[str, tuple[Any, int, bool]] = {}
 
 
 class ObjectStream:
-    """One S3 object read from byte ``start`` to its end with one GET (``Range`` where
-    ``start`` > 0) through a synchronous botocore client.
+    """One S3 object read from byte ``start`` to its end, or to byte ``end`` (exclusive), with
+    one GET (``Range`` where ``start`` > 0 or ``end`` is given) through a synchronous botocore
+    client.
 
     The GET is sent at the first :meth:`read`, in the caller's thread (a read-ahead thread),
     and the body is read straight from the socket by ``http.client`` under urllib3 (each
@@ -445,8 +446,15 @@ class ObjectStream:
 
     BACKOFF = 0.1  # seconds before the first retry, doubled per retry
 
-    def __init__(self, client: Any, url: str, retries: int = DEFAULT_RETRIES - 1, start: int = 0):
-        self.client, self.url, self.retries = client, url, retries
+    def __init__(
+        self,
+        client: Any,
+        url: str,
+        retries: int = DEFAULT_RETRIES - 1,
+        start: int = 0,
+        end: int | None = None,
+    ):
+        self.client, self.url, self.retries, self.end = client, url, retries, end
         self.bucket, _, self.key = url.split("://", 1)[1].partition("/")
         self.body, self.pos, self.etag, self.failures, self.eof = None, start, "", 0, False
         self.raw: http.client.HTTPResponse | None = None  # the body's socket reader
@@ -455,7 +463,12 @@ class ObjectStream:
     def _get(self) -> None:
         from botocore.exceptions import ClientError
 
+        if self.end is not None and self.pos >= self.end:
+            self.eof = True
+            return
         extra = {"Range": f"bytes={self.pos}-"} if self.pos else {}
+        if self.end is not None:
+            extra["Range"] = f"bytes={self.pos}-{self.end - 1}"
         if self.etag:
             extra["IfMatch"] = self.etag
         try:
@@ -517,9 +530,10 @@ class ObjectStream:
 
 
 def open_object(
-    url: str, storage_options: dict | None = None, start: int = 0
+    url: str, storage_options: dict | None = None, start: int = 0, end: int | None = None
 ) -> ObjectStream | None:
-    """A one-GET reader of the S3 object at ``url`` from byte ``start`` (:class:`ObjectStream`)
+    """A one-GET reader of the S3 object at ``url`` from byte ``start`` up to ``end`` (None: its
+    end) (:class:`ObjectStream`)
     through this process's client for these options, or None where s3fs must read it (a local
     URL, or an option a plain botocore client does not reproduce)."""
     if _protocol(url) not in ("s3", "s3a"):
@@ -540,7 +554,7 @@ def open_object(
             else:
                 client = _object_client(options)
             _object_clients[(pid, token)] = client
-    return ObjectStream(client, url, start=start)
+    return ObjectStream(client, url, start=start, end=end)
 
 
 def _object_token(options: dict) -> str:

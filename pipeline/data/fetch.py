@@ -1,6 +1,7 @@
 """How a loader worker gets a shard's bytes: local files, remote streams read ahead in a
-thread, remote shards opened ``prefetch`` shards ahead of the one being decoded, and the
-optional local cache (:mod:`pipeline.data.cache`).
+thread (each asked only for the byte range its reader needs), remote shards opened up to
+``prefetch`` shards ahead of the one being decoded, each once the stream before it has
+read its last byte, and the optional local cache (:mod:`pipeline.data.cache`).
 
 Memory is bounded per loader worker: an open remote stream buffers at most
 ``READ_AHEAD_CHUNKS + 1`` chunks of ``READ_CHUNK`` bytes (17 MiB), plus one fsspec block
@@ -43,7 +44,9 @@ class ReadAhead(io.RawIOBase):
 
     At most ``depth`` chunks wait in the queue and one more in the thread's hand: the bytes
     in flight never exceed ``(depth + 1) * chunk``. ``read1`` hands out the chunks as read,
-    without a copy (``read(n)`` joins them to ``n`` bytes). ``stats`` counts
+    without a copy (``read(n)`` joins them to ``n`` bytes). ``limit`` (optional) ends the
+    stream after that many bytes. ``fetched`` is set once the thread has read to the end (or
+    failed): from then on the stream's bytes are all in memory. ``stats`` counts
     ``remote_bytes`` and ``remote_reads`` (chunks read).
     """
 
@@ -53,8 +56,11 @@ class ReadAhead(io.RawIOBase):
         chunk: int = READ_CHUNK,
         depth: int = READ_AHEAD_CHUNKS,
         stats: IOStats | None = None,
+        limit: int | None = None,
     ):
         self.f, self.chunk, self.stats = f, chunk, stats or IOStats()
+        self.left = limit  # bytes still to read, None: to the end of ``f``
+        self.fetched = threading.Event()
         self.q: queue.Queue = queue.Queue(depth)
         self.buf, self.at, self.ended = b"", 0, False  # the chunk being handed out
         self.stop = threading.Event()
@@ -64,13 +70,20 @@ class ReadAhead(io.RawIOBase):
     def _fill(self) -> None:
         try:
             while not self.stop.is_set():
-                data = self.f.read(self.chunk)
-                self.stats.add("remote_reads")
-                self.stats.add("remote_bytes", len(data))
+                n = self.chunk if self.left is None else min(self.chunk, self.left)
+                data = self.f.read(n) if n else b""
+                if data:
+                    self.stats.add("remote_reads")
+                    self.stats.add("remote_bytes", len(data))
+                    if self.left is not None:
+                        self.left -= len(data)
+                else:
+                    self.fetched.set()
                 self._put(data)
                 if not data:
                     return
         except BaseException as e:  # handed to the reader, raised there
+            self.fetched.set()
             self._put(e)
 
     def _put(self, item) -> None:
@@ -139,14 +152,16 @@ def open_shard(
     size: int | None = None,
     stats: IOStats | None = None,
     start: int = 0,
+    end: int | None = None,
 ):
     """A readable stream of the shard at ``url`` from byte ``start`` (remote reads are
-    prefetched).
+    prefetched); a remote one ends at byte ``end`` where given (a local file is read to its
+    end: nothing is read ahead of its reader).
 
     ``size`` (from the manifest) saves a HEAD request per remote shard.
     """
     if not storage.is_local(url):
-        obj = storage.open_object(url, storage_options, start)
+        obj = storage.open_object(url, storage_options, start, end)
         if obj is not None:  # one GET, read in READ_CHUNK pieces by the read-ahead thread
             return ReadAhead(obj, stats=stats)
         # s3fs: "readahead", one ranged GET per ~9 MiB rather than one per read() call
@@ -162,7 +177,7 @@ def open_shard(
         )
         if start:
             f.seek(start)
-        return ReadAhead(f, stats=stats)
+        return ReadAhead(f, stats=stats, limit=None if end is None else end - start)
     f = storage.open_url(url, "rb", storage_options, retries=0)
     if start:
         f.seek(start)
@@ -172,10 +187,16 @@ def open_shard(
 class ShardFiles:
     """Opens a manifest's shards by index; remote ones can be fetched ahead of use.
 
-    ``prefetch(i)`` starts fetching shard ``i`` (without a cache: opens its stream, whose
-    read-ahead thread starts the GETs; with one: a background download into the cache);
-    ``open(i)`` returns a readable stream, taking what ``prefetch`` started; ``keep(ids)``
-    drops prefetched shards outside ``ids``. Local shards are opened directly.
+    ``open(i, start, end)`` returns a readable stream of shard ``i`` from byte ``start`` (to
+    byte ``end`` where given, remote shards only), taking what ``prefetch`` started;
+    ``prefetch(i, start, end)`` asks for shard ``i`` ahead of use; ``keep(ids)`` drops what
+    was asked for shards outside ``ids``. Local shards are opened directly.
+
+    Without a cache, a prefetched stream is opened (its read-ahead thread sends the GET) only
+    once the stream opened before it has read its last byte (:meth:`poll`): at the start of an
+    epoch the first shard's GET goes alone, and a stream opened ahead never idles on an open
+    connection while a long shard is decoded. With a cache, the download into it starts at
+    once, in the background.
 
     Counters in ``stats``: ``opened`` (remote streams and downloads started), ``prefetched``
     (those started ahead of use), ``max_open`` (remote streams open at once), plus those of
@@ -197,7 +218,9 @@ class ShardFiles:
         self.sha256 = sha256 or [""] * len(urls)
         self.prefetch_depth, self.cache = prefetch, cache
         self.stats = stats or IOStats()
-        self._parked: dict[int, ReadAhead] = {}  # streams opened ahead of use
+        self._parked: dict[int, tuple[ReadAhead, int, int | None]] = {}  # opened ahead of use
+        self.deferred: dict[int, tuple[int, int | None]] = {}  # asked for, not opened yet
+        self._last: ReadAhead | None = None  # the remote stream opened last
         self._pending: dict[int, Future] = {}  # cache downloads in flight
         self._pool: ThreadPoolExecutor | None = None
         self._streams: set = set()  # every remote stream open now (for max_open)
@@ -205,17 +228,18 @@ class ShardFiles:
     def _cached(self, i: int) -> bool:
         return self.cache is not None and 0 < self.sizes[i] and not storage.is_local(self.urls[i])
 
-    def _stream(self, i: int, start: int = 0):
+    def _stream(self, i: int, start: int = 0, end: int | None = None):
         size = self.sizes[i] or None
-        f = open_shard(self.urls[i], self.storage_options, size, self.stats, start)
+        f = open_shard(self.urls[i], self.storage_options, size, self.stats, start, end)
         if not storage.is_local(self.urls[i]):
             self.stats.add("opened")
+            self._last = f
             self._streams.add(f)
             self._streams = {s for s in self._streams if not s.closed}
             self.stats.peak("max_open", len(self._streams))
         return f
 
-    def prefetch(self, i: int) -> None:
+    def prefetch(self, i: int, start: int = 0, end: int | None = None) -> None:
         if storage.is_local(self.urls[i]) or i in self._parked or i in self._pending:
             return
         if self._cached(i):
@@ -224,25 +248,38 @@ class ShardFiles:
                     max(1, self.prefetch_depth), thread_name_prefix="shard-prefetch"
                 )
             self._pending[i] = self._pool.submit(self._from_cache, i)
-        else:
-            self._parked[i] = self._stream(i)
-        self.stats.add("prefetched")
+            self.stats.add("prefetched")
+        else:  # opened by poll(), after the stream opened before it has read its last byte
+            self.deferred.setdefault(i, (start, end))
 
-    def open(self, i: int, start: int = 0):
-        """Shard ``i`` as a readable binary stream from byte ``start``; the caller closes it."""
+    def poll(self) -> None:
+        """Open the streams asked for ahead, in order, each once the one opened before it
+        has read to its end."""
+        while self.deferred and (
+            self._last is None or self._last.closed or self._last.fetched.is_set()
+        ):
+            i = next(iter(self.deferred))
+            start, end = self.deferred.pop(i)
+            self._parked[i] = (self._stream(i, start, end), start, end)
+            self.stats.add("prefetched")
+
+    def open(self, i: int, start: int = 0, end: int | None = None):
+        """Shard ``i`` as a readable binary stream from byte ``start`` (to ``end``, remote
+        only); the caller closes it."""
+        self.deferred.pop(i, None)
         if i in self._parked:
-            f = self._parked.pop(i)
-            if not start:
+            f, at, to = self._parked.pop(i)
+            if (at, to) == (start, end):
                 return f
-            f.close()  # fetched from its first byte: ask for the rest only
+            f.close()  # fetched for another span of the shard: ask for this one
         if i in self._pending:
             f = self._pending.pop(i).result()  # raises what the download raised
         elif self._cached(i):
             f = self._from_cache(i)
         else:
-            return self._stream(i, start)
+            return self._stream(i, start, end)
         if f is None:  # did not fit in the cache, or did not match the manifest
-            return self._stream(i, start)
+            return self._stream(i, start, end)
         if start:
             f.seek(start)
         return f
@@ -261,14 +298,17 @@ class ShardFiles:
             return None
 
     def keep(self, ids: set[int]) -> None:
-        """Close what was fetched ahead for shards not in ``ids``."""
+        """Close or forget what was asked ahead for shards not in ``ids``."""
         for i in [i for i in self._parked if i not in ids]:
-            self._parked.pop(i).close()
+            self._parked.pop(i)[0].close()
+        for i in [i for i in self.deferred if i not in ids]:
+            del self.deferred[i]
         for i in [i for i in self._pending if i not in ids]:
             self._pending.pop(i).add_done_callback(_close_result)
 
     def close(self) -> None:
         self.keep(set())
+        self._last = None
         if self.cache is not None:
             self.cache.stop.set()  # downloads in progress give up at their next chunk
         if self._pool is not None:

@@ -5,8 +5,10 @@ Members are grouped into samples as webdataset's ``group_by_keys`` does; the mem
 for tars using pax/GNU extensions, from webdataset's ``tar_file_iterator``. A shard stays
 open between calls so consecutive blocks of the plan continue where the last stopped (a
 shard entered at sample k is opened at the manifest index's last pair at or before k), and,
-given the order of shards to come, the next ``prefetch`` are fetched while one is decoded
-(bytes arrive through :mod:`pipeline.data.fetch`, optionally from a local cache).
+given the visits to come (each a shard and the first and last sample read there), a remote
+shard is asked for only up to the index's first pair past the visit's last sample, and the
+next ``prefetch`` visits are fetched while one is decoded (bytes arrive through
+:mod:`pipeline.data.fetch`, optionally from a local cache).
 A transient storage error (a dropped S3 connection mid-shard) reopens the shard and skips
 back to the same sample index, up to ``retries`` times with doubling backoff. A shard that
 ends early or is structurally broken, or stays unreadable, turns each sample still wanted
@@ -24,6 +26,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 from webdataset import tariterators
@@ -291,10 +294,11 @@ def _why(e: BaseException) -> str:
 
 
 class _Open:
-    """One open shard: its stream, its sample iterator and the next sample's index."""
+    """One open shard: its stream, its sample iterator, the next sample's index and, for a
+    stream that ends before the shard does, the index of the first sample past its end."""
 
-    def __init__(self, stream, samples: Iterator[dict]):
-        self.stream, self.samples, self.next = stream, samples, 0
+    def __init__(self, stream, samples: Iterator[dict], limit: int | None = None):
+        self.stream, self.samples, self.next, self.limit = stream, samples, 0, limit
 
     def close(self) -> None:
         try:
@@ -306,9 +310,11 @@ class _Open:
 class ShardReader:
     """Samples by (shard, index) from a manifest's shards, with retries and bad-item markers.
 
-    ``schedule`` (optional) is the order in which :meth:`read` will visit shards (repeats of
-    the same shard in a row merged); with it, the next ``prefetch`` shards of the schedule
-    are fetched while the current one is decoded, and only the current and those stay open.
+    ``schedule`` (optional) is the order in which :meth:`read` will visit shards, as
+    :class:`Visit` s (repeats of the same shard in a row merged). With it, a remote shard is
+    read only up to the index's first pair past the visit's last sample (the rest of the
+    shard is not fetched), and the next ``prefetch`` visits are fetched while the current one
+    is decoded; only the current shard and those stay open.
     """
 
     def __init__(
@@ -322,7 +328,7 @@ class ShardReader:
         sha256: list[str] | None = None,
         prefetch: int = 0,
         cache: ShardCache | None = None,
-        schedule: Iterable[int] | None = None,
+        schedule: Iterable[Visit] | None = None,
         stats: IOStats | None = None,
         index: list[tuple[tuple[int, int], ...]] | None = None,
     ):
@@ -336,9 +342,11 @@ class ShardReader:
             urls, sizes, sha256, storage_options, prefetch, cache, stats=self.stats
         )
         self.prefetch = prefetch if schedule is not None else 0
+        self._scheduled = schedule is not None
         self._schedule = iter(schedule or ())
-        self._ahead: deque[int] = deque()
+        self._ahead: deque[Visit] = deque()
         self._visiting, self.last_count = -1, 0
+        self._last: int | None = None  # the last sample the current visit reads
         self._open: dict[int, _Open] = {}
         self._webdataset_only: set[int] = set()  # shards with tar features ustar_files lacks
 
@@ -354,40 +362,62 @@ class ShardReader:
             handle.close()
 
     def _visit(self, shard: int) -> None:
-        """Start a visit of ``shard``: fetch the next ``prefetch`` of the schedule, and
-        close what the window no longer holds."""
-        self._visiting = shard
+        """Start a visit of ``shard``: take it off the schedule, fetch the next ``prefetch``
+        visits, and close what the window no longer holds."""
+        self._visiting, self._last = shard, None
+        if self._scheduled:
+            if not self._ahead:
+                self._ahead.extend(_take(self._schedule, 1))
+            if self._ahead and self._ahead[0].shard == shard:
+                self._last = self._ahead.popleft().last
+            else:  # read() strayed from the schedule: stop bounding and prefetching
+                log.warning(
+                    "shard %d read out of the schedule; reading on without bounds or prefetch",
+                    shard,
+                )
+                self._scheduled, self.prefetch, self._ahead = False, 0, deque()
         if not self.prefetch:
             for i in [i for i in self._open if i != shard]:
                 self._close(i)
             return
-        if not self._ahead:
-            self._ahead.extend(_take(self._schedule, 1))
-        if self._ahead and self._ahead[0] == shard:
-            self._ahead.popleft()
-        else:  # read() strayed from the schedule: stop prefetching rather than guess
-            log.warning("shard %d read out of the schedule; prefetching stops", shard)
-            self.prefetch, self._ahead = 0, deque()
         self._ahead.extend(_take(self._schedule, self.prefetch - len(self._ahead)))
-        window = {shard, *self._ahead}
+        window = {shard, *(v.shard for v in self._ahead)}
         for i in [i for i in self._open if i not in window]:
             self._close(i)
         self.files.keep(window)
-        for i in self._ahead:
-            if i != shard and i not in self._open:
-                self.files.prefetch(i)
+        for v in self._ahead:
+            if v.shard != shard and v.shard not in self._open:
+                _, offset, end, _ = self._span(v.shard, v.first, v.last)
+                self.files.prefetch(v.shard, offset, end)
+
+    def _span(self, shard: int, target: int, last: int | None):
+        """Where to read ``shard`` from sample ``target`` on: ``(first sample, its byte
+        offset, end byte, first sample past the end)``, the index's last pair at or before
+        ``target`` and, for a remote shard read up to ``last``, its first pair past ``last``
+        (end None: to the shard's end)."""
+        pairs = self.index[shard]
+        at = bisect.bisect_right(pairs, (target, float("inf")))
+        first, offset = pairs[at - 1] if at else (0, 0)
+        if last is None or last < target or storage.is_local(self.urls[shard]):
+            return first, offset, None, None
+        past = bisect.bisect_right(pairs, (last, float("inf")))
+        if past == len(pairs):
+            return first, offset, None, None
+        limit, end = pairs[past]
+        return first, offset, end, limit
 
     def _reopen(self, shard: int, target: int) -> _Open:
-        """Open ``shard`` at its index's last pair at or before sample ``target``."""
+        """Open ``shard`` at its index's last pair at or before sample ``target`` (up to the
+        first pair past the visit's last sample)."""
         self._close(shard)
         fast = shard not in self._webdataset_only
-        at = bisect.bisect_right(self.index[shard], (target, float("inf")))
-        first, offset = self.index[shard][at - 1] if at else (0, 0)
+        first, offset, end, limit = self._span(shard, target, self._last)
         if offset:
             self.stats.add("opened_inside")
             self.stats.add("bytes_skipped", offset)
-        stream = self.files.open(shard, offset)
-        handle = self._open[shard] = _Open(stream, tar_samples(stream, self.urls[shard], fast))
+        stream = self.files.open(shard, offset, end)
+        samples = tar_samples(stream, self.urls[shard], fast)
+        handle = self._open[shard] = _Open(stream, samples, limit)
         handle.next = first
         return handle
 
@@ -397,7 +427,15 @@ class ShardReader:
         if handle is None or handle.next > target:
             handle = self._reopen(shard, target)
         while True:
+            if self.files.deferred:
+                self.files.poll()
             sample = next(handle.samples, None)
+            if sample is None and handle.limit is not None and handle.next >= handle.limit:
+                # the stream ended where it was asked to, before the shard's end: read on
+                # from ``target`` (past the visit's last sample, not the schedule's way:
+                # to the shard's end)
+                handle = self._reopen(shard, target)
+                continue
             if sample is None:
                 self.last_count = handle.next
                 return None
@@ -466,7 +504,15 @@ class ShardReader:
             yield sample
 
 
-def _take(it: Iterator[int], n: int) -> list[int]:
+class Visit(NamedTuple):
+    """One stretch of reads in one shard: the first and last sample index read there."""
+
+    shard: int
+    first: int
+    last: int
+
+
+def _take(it: Iterator, n: int) -> list:
     out = []
     for _ in range(max(0, n)):
         nxt = next(it, None)

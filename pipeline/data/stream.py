@@ -44,7 +44,7 @@ from pipeline.data.errors import BadDataError, DataError
 from pipeline.data.iostats import IOStats
 from pipeline.data.manifest import Manifest, read_manifest
 from pipeline.data.plan import EpochPlan, Split, round_robin
-from pipeline.data.shards import ShardReader
+from pipeline.data.shards import ShardReader, Visit
 from pipeline.data.transforms import (
     batched,
     collate,
@@ -446,15 +446,21 @@ def _runs(shards: np.ndarray) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
-def _visits(fetches) -> Iterator[int]:
-    """The shards :meth:`ShardStream._raw` reads, in order, repeats in a row merged."""
-    last = -1
-    for *_, shards, _indices in fetches:
-        for start, _ in _runs(shards):
-            shard = int(shards[start])
-            if shard != last:
-                yield shard
-                last = shard
+def _visits(fetches) -> Iterator[Visit]:
+    """The shard visits :meth:`ShardStream._raw` makes, in order (repeats in a row merged),
+    each with the first and the last sample index it reads."""
+    visit: Visit | None = None
+    for *_, shards, indices in fetches:
+        for start, end in _runs(shards):
+            shard, first, last = int(shards[start]), int(indices[start]), int(indices[end - 1])
+            if visit is not None and visit.shard == shard:
+                visit = visit._replace(last=max(visit.last, last))
+                continue
+            if visit is not None:
+                yield visit
+            visit = Visit(shard, first, last)
+    if visit is not None:
+        yield visit
 
 
 class StreamLoader:

@@ -12,11 +12,12 @@ import uuid
 
 import pytest
 
+from pipeline import storage
 from pipeline.data import ingest as ingest_module
 from pipeline.data.config import StreamConfig
 from pipeline.data.errors import DataError
 from pipeline.data.manifest import Manifest, read_manifest
-from pipeline.data.shards import tar_samples
+from pipeline.data.shards import ShardReader, Visit, tar_samples
 from pipeline.data.stream import ShardStream, make_loader
 from tests.helpers import synthetic_split
 
@@ -90,6 +91,10 @@ def test_a_worker_starting_inside_a_shard_opens_it_at_the_index(
     if where == "s3":  # worker 1 asked for the bytes from the offset on, not the whole shard
         assert plain_stats["io_by_worker"][1]["remote_bytes"] == info.bytes
         assert io_[1]["remote_bytes"] == info.bytes - offset
+        # and worker 0 for the bytes up to the first pair past its last sample (47) only
+        assert plain_stats["io_by_worker"][0]["remote_bytes"] == info.bytes
+        end = min(o for s, o in info.index if s > COUNT // 2 - 1)
+        assert 0 < end < info.bytes and io_[0]["remote_bytes"] == end
 
 
 def test_resume_inside_a_shard_opens_it_at_the_index(s3_env, monkeypatch):
@@ -125,3 +130,29 @@ def test_manifest_index_round_trips_and_bad_pairs_are_named(tmp_path, monkeypatc
         doc["shards"][0]["index"] = bad
         with pytest.raises(DataError, match=f"{name}: index pair"):
             Manifest.from_json(json.dumps(doc), split)
+
+
+def test_a_read_past_the_visits_last_sample_goes_on_past_the_bounded_get(s3_env, monkeypatch):
+    # the schedule says the visit reads samples 3-10: the GET ends at the first index pair
+    # past 10; a read of samples 60-62 after it (not the schedule's way) is not a truncated
+    # shard but reads on from the index, to the shard's end
+    split = ingest_one_shard(s3_env.make_bucket("index") + f"/{uuid.uuid4().hex}", monkeypatch)
+    manifest = read_manifest(split)
+    (info,) = manifest.shards
+    url = manifest.shard_url(0)
+    reader = ShardReader(
+        [url], [COUNT], sizes=[info.bytes], index=[info.index], schedule=[Visit(0, 3, 10)]
+    )
+    try:
+        head = list(reader.read(0, list(range(3, 11))))
+        end = min(o for s, o in info.index if s > 10)
+        assert reader.stats.snapshot()["remote_bytes"] == end  # the bounded GET, read whole
+        tail = list(reader.read(0, [60, 61, 62]))
+    finally:
+        reader.close()
+    keys = [s["__key__"] for s in tar_samples(storage.open_url(url, "rb"), url)]
+    assert [s["__key__"] for s in head + tail] == keys[3:11] + keys[60:63]
+    counts = reader.stats.snapshot()
+    assert counts["opened"] == 2 and counts["opened_inside"] == 1
+    resumed_at = max(o for s, o in info.index if s <= 60)
+    assert counts["remote_bytes"] == end + info.bytes - resumed_at

@@ -90,6 +90,7 @@ def test_results_md_takes_the_s3_goal_measurement_when_the_run_has_one(tmp_path)
         "steady_ratio": 0.97,
         "steady_ratio_min_max": [0.92, 1.0],
         "server_cpu_seconds_per_epoch": 0.1,
+        "s3_bytes_per_epoch": {"fetched": 146_968_576, "shards": 138_577_920},
     }
     data = {"a": {"ratios": {"s3_vs_local_w2": 0.5}}}
     text = "\n".join(peers_section({"data_path": data, "s3_goal": goal}, path))
@@ -98,3 +99,4 @@ def test_results_md_takes_the_s3_goal_measurement_when_the_run_has_one(tmp_path)
     section = "\n".join(s3_goal_section(goal))
     assert "| 1 | 100 | 90 | 0.900 | 0.050 | 0.100 |" in section
     assert "median **0.960** (min-max 0.900-0.990)" in section
+    assert "asked for 147.0 MB; the shards hold 138.6 MB." in section
