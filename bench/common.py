@@ -27,7 +27,7 @@ class Settings:
     data_batch_256: int = 32  # 256x256: fewer images, smaller batches, still >= 8 batches
     data_workers: list[int] = field(default_factory=lambda: [0, 1, 2])
     s3_goal_count: int = 0  # Fashion-MNIST training images of the S3 goal (0: all 60,000)
-    s3_goal_pairs: int = 6  # its pairs of adjacent local / S3 epochs
+    s3_goal_pairs: int = 12  # its pairs of adjacent local / S3 epochs (6 left a wide spread)
     # 2./3. training
     batch: int = 128  # global batch
     threads: int = 1  # torch threads per training process
