@@ -194,9 +194,10 @@ class ShardFiles:
 
     Without a cache, a prefetched stream is opened (its read-ahead thread sends the GET) only
     once the stream opened before it has read its last byte (:meth:`poll`): at the start of an
-    epoch the first shard's GET goes alone, and a stream opened ahead never idles on an open
-    connection while a long shard is decoded. With a cache, the download into it starts at
-    once, in the background.
+    epoch the first shard's GET goes alone, and a stream opened ahead waits on its open
+    connection only while its reader takes the last read-ahead of the stream before it, not
+    through the whole of a long shard. With a cache, the download into it starts at once, in
+    the background.
 
     Counters in ``stats``: ``opened`` (remote streams and downloads started), ``prefetched``
     (those started ahead of use), ``max_open`` (remote streams open at once), plus those of
