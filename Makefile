@@ -17,7 +17,7 @@ endif
 PYTEST_ARGS ?= --durations=25
 # `make test` runs the suite in TEST_PROCS pytest processes (pytest-xdist), each test file whole in
 # one of them, each process with its own services (tests/conftest.py): the tests mostly wait on
-# servers and Ray: 2 processes on 2 cores took 11.8-14.6 min, one process 15.1-16.7 min.
+# servers and Ray: 2 processes on 2 cores took 11.8-15.0 min, one process 15.1-16.7 min.
 # TEST_PROCS=1: one process.
 TEST_PROCS ?= 2
 
