@@ -532,10 +532,10 @@ class ObjectStream:
 def open_object(
     url: str, storage_options: dict | None = None, start: int = 0, end: int | None = None
 ) -> ObjectStream | None:
-    """A one-GET reader of the S3 object at ``url`` from byte ``start`` up to ``end`` (None: its
-    end) (:class:`ObjectStream`)
-    through this process's client for these options, or None where s3fs must read it (a local
-    URL, or an option a plain botocore client does not reproduce)."""
+    """A one-GET reader (:class:`ObjectStream`) of the S3 object at ``url`` from byte
+    ``start`` up to ``end`` (None: its end), through this process's client for these options,
+    or None where s3fs must read it (a local URL, or an option a plain botocore client does not
+    reproduce)."""
     if _protocol(url) not in ("s3", "s3a"):
         return None
     options = _options(url, storage_options)  # the same checks and options as get_fs'
