@@ -381,6 +381,7 @@ class ShardStream(IterableDataset):
                 seed=c.seed,
                 epoch=self.epoch,
                 draft=c.jpeg_draft,
+                decoder=c.jpeg_decoder,
             ),
             stage(batched, batch_size=self.batch_size),
             stage(fill_bad, shape=(self.channels, *self.image_hw)),

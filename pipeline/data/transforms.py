@@ -14,6 +14,7 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 
@@ -53,6 +54,7 @@ def decode_image(
     rng: np.random.Generator | None = None,
     draft: bool = False,
     suffix: str = "",
+    decoder: str = "pillow",
 ) -> np.ndarray:
     """Image bytes -> uint8 array ``(C, H, W)`` with ``(H, W) == size``.
 
@@ -63,11 +65,19 @@ def decode_image(
     (1/2, 1/4 or 1/8; Pillow's ``Image.draft``) and resized from there: faster, pixels
     within a few levels of the full decode (``tests/data/test_draft.py``).
 
+    ``decoder="simplejpeg"``: a JPEG is decoded by simplejpeg where that gives the Pillow
+    path's exact pixels (:func:`_simplejpeg_pixels`); everything else, bad data included, goes
+    through Pillow, so the result and the bad-sample reasons are the same with either.
+
     Raises:
         BadSample: ``decode_error``, ``too_many_pixels`` (checked from the header, before
             decompression), ``wrong_mode`` or ``wrong_size`` (when not resizing).
     """
     height, width = size
+    if decoder == "simplejpeg" and data[:3] == b"\xff\xd8\xff":
+        pixels = _simplejpeg_pixels(data, size, channels, resize, crop, max_pixels, rng, draft)
+        if pixels is not None:
+            return pixels
     box = None
     try:
         # max_pixels is the bound, checked from the header before decompression. Pillow's
@@ -112,6 +122,62 @@ def decode_image(
     return pixels.reshape(height, width, 3).transpose(2, 0, 1)
 
 
+def _simplejpeg_pixels(
+    data: bytes,
+    size: tuple[int, int],
+    channels: int,
+    resize: bool,
+    crop: str,
+    max_pixels: int,
+    rng: np.random.Generator | None,
+    draft: bool,
+) -> np.ndarray | None:
+    """:func:`decode_image`'s Pillow result for a JPEG, decoded by simplejpeg (the same
+    libjpeg-turbo, the same DCT and upsampling, without Pillow's per-image Python work), or
+    None where it would not be that exact result or Pillow must decide: a CMYK or YCCK JPEG,
+    a color JPEG to grayscale (Pillow converts RGB to L itself), a size the sample would be
+    refused for, a drafted scale simplejpeg does not pick, or data it refuses.
+    """
+    height, width = size
+    try:
+        h, w, space, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if space not in ("Gray", "YCbCr") or (channels == 1 and space != "Gray"):
+        return None
+    limit = Image.MAX_IMAGE_PIXELS
+    if (
+        w * h > max_pixels
+        or (limit and w * h > limit)
+        or ((w, h) != (width, height) and not resize)
+    ):
+        return None  # refused by Pillow's path, with its reason
+    colorspace, mode = ("GRAY", "L") if channels == 1 else ("RGB", "RGB")
+    scale, box = 1, None
+    if (w, h) != (width, height) and draft:
+        nw, nh = _scaled_size(w, h, width, height, crop)
+        if w // nw >= 2 and h // nh >= 2:  # Pillow's draft: the largest of 8, 4, 2 that fits
+            scale = next(s for s in (8, 4, 2) if min(w // nw, h // nh) >= s)
+            box = (0, 0, w / scale, h / scale)
+    sw, sh = (w + scale - 1) // scale, (h + scale - 1) // scale
+    try:
+        if scale == 1:
+            pixels = simplejpeg.decode_jpeg(data, colorspace=colorspace)
+        else:
+            pixels = simplejpeg.decode_jpeg(
+                data, colorspace=colorspace, min_height=sh, min_width=sw, min_factor=scale
+            )
+    except ValueError:  # strict: also libjpeg's warnings, which Pillow may let pass
+        return None
+    if pixels.shape[:2] != (sh, sw):
+        return None
+    if (w, h) != (width, height):
+        image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode)
+        image = _resize(image, (w, h), width, height, crop, rng, box)
+        pixels = np.frombuffer(image.tobytes(), np.uint8).reshape(height, width, channels)
+    return pixels.transpose(2, 0, 1)
+
+
 def _scaled_size(w: int, h: int, width: int, height: int, crop: str) -> tuple[int, int]:
     """The size a ``w x h`` image is resized to before a crop to ``width x height``."""
     if crop == "none":
@@ -152,6 +218,7 @@ def decode(
     seed: int = 0,
     epoch: int = 0,
     draft: bool = False,
+    decoder: str = "pillow",
 ) -> Iterator[dict]:
     """Raw samples ``{__key__, __url__, png|jpg, cls, __pos__, __pad__}`` -> decoded items.
 
@@ -174,7 +241,7 @@ def decode(
             if crop == "random":  # by (seed, epoch, plan position): replayable on resume
                 rng = np.random.default_rng([seed % 2**63, epoch, item.get("__pos__", 0)])
             image = decode_image(
-                item[suffix], size, channels, resize, crop, max_pixels, rng, draft, suffix
+                item[suffix], size, channels, resize, crop, max_pixels, rng, draft, suffix, decoder
             )
             label = -1
             cls = item.get("cls")
