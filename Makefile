@@ -21,7 +21,7 @@ PYTEST_ARGS ?= --durations=25
 # TEST_PROCS=1: one process.
 TEST_PROCS ?= 2
 
-.PHONY: install test test-fast lint up down status demo bench bench-quality bench-ingest bench-scale-e2e bench-readme bench-peers bench-peers-venv bench-peers-lock gpu-check gpu-device clean help
+.PHONY: install test test-fast lint up down status demo bench bench-quality bench-ingest bench-jpeg bench-scale-e2e bench-readme bench-peers bench-peers-venv bench-peers-lock gpu-check gpu-device clean help
 
 help:
 	@echo "make demo   - install, start the local stack, ingest Fashion-MNIST, train (2 workers), sample"
@@ -35,6 +35,7 @@ help:
 	@echo "make bench-peers - the data path beside LitData and MosaicML Streaming (own venv), ~23 min on 2 loaded cores"
 	@echo "make bench-readme - the README's numbers from 3 runs each (bench, demo, ingest), ~35 min"
 	@echo "make bench-quality - the model-quality table (issue 17's protocol), resumable, ~2.5 h on 2 cores"
+	@echo "make bench-jpeg - JPEG decode, Pillow vs simplejpeg (data.jpeg_decoder), ~3 min"
 	@echo "make bench-ingest - 1M images ingested, killed midway and re-run"
 	@echo "make bench-scale-e2e [SCALE_IMAGES=N] - 64x64 end to end (S3, 2 Ray workers, one epoch): RSS, data wait"
 	@echo "make gpu-check - the GPU path end to end (<= 8 min on one GPU; on CPU, CUDA-only checks skipped)"
@@ -109,6 +110,10 @@ gpu-device: install
 
 bench-readme: install
 	$(BIN)/python -m bench.repeat
+
+# data.jpeg_decoder: pillow vs simplejpeg, per image and through the loader; bench/jpeg_decode.md
+bench-jpeg: install
+	$(BIN)/python -m bench.jpeg_decode --out bench
 
 # Ingest at scale: 1M synthetic images, killed midway and re-run (issue 16); bench/ingest_scale.json
 bench-ingest: install
