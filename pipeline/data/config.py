@@ -92,7 +92,7 @@ class StreamConfig(Checked):
     # draft) before the resize: measured faster, pixels within a few levels (bench/)
     jpeg_draft: bool = True
     # "simplejpeg": JPEGs are decoded by simplejpeg (libjpeg-turbo, as in Pillow, without
-    # Pillow's per-image overhead): the same pixels, 1.6-3.7x faster (bench/jpeg_decode.md);
+    # Pillow's per-image overhead): the same pixels, 1.3-3.0x faster (bench/jpeg_decode.md);
     # what it cannot decode to Pillow's exact pixels goes through Pillow
     jpeg_decoder: Literal["pillow", "simplejpeg"] = "pillow"
 
