@@ -35,7 +35,7 @@ help:
 	@echo "make bench-peers - the data path beside LitData and MosaicML Streaming (own venv), ~23 min on 2 loaded cores"
 	@echo "make bench-readme - the README's numbers from 3 runs each (bench, demo, ingest), ~35 min"
 	@echo "make bench-quality - the model-quality table (issue 17's protocol), resumable, ~2.5 h on 2 cores"
-	@echo "make bench-jpeg - JPEG decode, Pillow vs simplejpeg (data.jpeg_decoder), ~3 min"
+	@echo "make bench-jpeg - JPEG decode, Pillow vs simplejpeg (data.jpeg_decoder), ~2 min"
 	@echo "make bench-ingest - 1M images ingested, killed midway and re-run"
 	@echo "make bench-scale-e2e [SCALE_IMAGES=N] - 64x64 end to end (S3, 2 Ray workers, one epoch): RSS, data wait"
 	@echo "make gpu-check - the GPU path end to end (<= 8 min on one GPU; on CPU, CUDA-only checks skipped)"
