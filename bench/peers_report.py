@@ -105,10 +105,12 @@ def markdown(r: dict) -> str:
         f"1-min load before each epoch: median {during['median']:.2f}, "
         f"{during['min']:.2f}–{during['max']:.2f}.{shared}",
         "",
-        f"Versions: project venv torch {v['project']['torch']}, Pillow {v['project']['pillow']}; "
+        f"Versions: project venv torch {v['project']['torch']}, Pillow {v['project']['pillow']}, "
+        f"simplejpeg {v['project'].get('simplejpeg', '-')}; "
         f"peers venv (`.venv-peers`, `requirements/bench-peers.txt`) torch {v['peers']['torch']}, "
         f"litdata {v['peers']['litdata']}, mosaicml-streaming {v['peers']['mosaicml-streaming']}, "
-        f"numpy {v['peers']['numpy']}, Pillow {v['peers']['pillow']}; torchvision "
+        f"numpy {v['peers']['numpy']}, Pillow {v['peers']['pillow']}, simplejpeg "
+        f"{v['peers'].get('simplejpeg', '-')}; torchvision "
         f"{v['peers']['torchvision']}.",
         "",
         "Method: every loader reads the same encoded PNG/JPEG bytes (the project's ingest "
@@ -120,8 +122,9 @@ def markdown(r: dict) -> str:
         "the main process turns them into float32 in [0, 1], with one torch thread (the "
         "default pool's spinning after each cast would take a core from the loader workers). Loader workers start as each "
         "library starts them: the project's from a forkserver, the others by fork. Every row "
-        "decodes with the same Pillow calls (the format named, not probed for; the pixels by "
-        "`tobytes()`; the project's `decode_image` adds its checks), so the ratios compare "
+        "decodes with the same calls: JPEGs with simplejpeg (the project's default "
+        "`data.jpeg_decoder`), PNGs with Pillow (the format named, not probed for; the pixels "
+        "by `tobytes()`); the project's `decode_image` adds its checks. So the ratios compare "
         "loaders, not decoders. The in-memory limit decodes the "
         "same bytes from a Python list through `DataLoader(shuffle=True)` with the same workers "
         "and batch size. `memory` and `project` run in a `.venv` subprocess, the peers in a "

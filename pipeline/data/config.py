@@ -93,8 +93,9 @@ class StreamConfig(Checked):
     jpeg_draft: bool = True
     # "simplejpeg": JPEGs are decoded by simplejpeg (libjpeg-turbo, as in Pillow, without
     # Pillow's per-image overhead): the same pixels, 1.3-3.0x faster (bench/jpeg_decode.md);
-    # what it cannot decode to Pillow's exact pixels goes through Pillow
-    jpeg_decoder: Literal["pillow", "simplejpeg"] = "pillow"
+    # what it cannot decode to Pillow's exact pixels goes through Pillow. "pillow": Pillow
+    # decodes every image
+    jpeg_decoder: Literal["pillow", "simplejpeg"] = "simplejpeg"
 
     def __post_init__(self):
         super().__post_init__()

@@ -54,7 +54,7 @@ def decode_image(
     rng: np.random.Generator | None = None,
     draft: bool = False,
     suffix: str = "",
-    decoder: str = "pillow",
+    decoder: str = "simplejpeg",
 ) -> np.ndarray:
     """Image bytes -> uint8 array ``(C, H, W)`` with ``(H, W) == size``.
 
@@ -218,7 +218,7 @@ def decode(
     seed: int = 0,
     epoch: int = 0,
     draft: bool = False,
-    decoder: str = "pillow",
+    decoder: str = "simplejpeg",
 ) -> Iterator[dict]:
     """Raw samples ``{__key__, __url__, png|jpg, cls, __pos__, __pad__}`` -> decoded items.
 

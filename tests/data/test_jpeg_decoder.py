@@ -176,4 +176,7 @@ def test_the_setting_is_checked():
     with pytest.raises(ConfigError, match=r"data\.jpeg_decoder.*turbo"):
         build(StreamConfig, {"train_url": "/tmp/x", "jpeg_decoder": "turbo"}, "data")
     config = build(StreamConfig, {"train_url": "/tmp/x", "jpeg_decoder": "simplejpeg"}, "data")
-    assert config.jpeg_decoder == "simplejpeg" and StreamConfig("/tmp/x").jpeg_decoder == "pillow"
+    assert config.jpeg_decoder == "simplejpeg"
+    assert StreamConfig("/tmp/x").jpeg_decoder == "simplejpeg"  # the default
+    config = build(StreamConfig, {"train_url": "/tmp/x", "jpeg_decoder": "pillow"}, "data")
+    assert config.jpeg_decoder == "pillow"
