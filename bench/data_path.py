@@ -5,7 +5,7 @@ folder ``Dataset``; each at DataLoader workers 0, 1, 2. Also the JPEG draft deco
 Reuses the measurement functions of :mod:`pipeline.data.bench` (steady rate after the first
 batch; the first-batch time reported apart) and extends it to JPEG and Fashion-MNIST.
 
-    python -m bench.data_path draft [--count 256] [--repeats 7]   # the draft section alone
+    python -m bench.data_path draft [--count 256] [--repeats 7] [--decoder pillow]  # draft alone
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pipeline.data.shards import tar_samples
 from pipeline.data.sources import synthetic_image
 from pipeline.data.stream import ShardStream, as_is, make_loader
 from pipeline.data.transforms import (
+    JPEG_DECODER,
     batched,
     collate,
     decode,
@@ -357,11 +358,12 @@ def run(settings: Settings, root: Path, s3_url: str, log=print, s3_server=None) 
     return out
 
 
-def measure_draft(count: int = 256, repeats: int = 7) -> dict:
-    """img/s of ``decode_image`` (center crop, one core) without and with ``draft`` on
-    ``count`` structured synthetic JPEGs (quality 90) per case; ``repeats`` interleaved
-    passes, median and every pass reported, and the per-pass ratios' min/median/max."""
-    out = {}
+def measure_draft(count: int = 256, repeats: int = 7, decoder: str = JPEG_DECODER) -> dict:
+    """img/s of ``decode_image`` (center crop, one core, ``decoder``) without and with
+    ``draft`` on ``count`` structured synthetic JPEGs (quality 90) per case; ``repeats``
+    interleaved passes, median and every pass reported, and the per-pass ratios'
+    min/median/max."""
+    out = {"decoder": decoder}
     for stored, mode, size in DRAFT_CASES:
         channels = 1 if mode == "L" else 3
         images = []
@@ -371,12 +373,14 @@ def measure_draft(count: int = 256, repeats: int = 7) -> dict:
             image.save(buf, "JPEG", quality=90)
             images.append(buf.getvalue())
         rates: dict[str, list[float]] = {"full": [], "draft": []}
+
+        def args(data: bytes, size=size, channels=channels) -> tuple:
+            return data, (size, size), channels, True, "center", 2**26
+
         diffs = [
             np.abs(
-                decode_image(d, (size, size), channels, True, "center", 2**26, draft=True).astype(
-                    int
-                )
-                - decode_image(d, (size, size), channels, True, "center", 2**26).astype(int)
+                decode_image(*args(d), draft=True, decoder=decoder).astype(int)
+                - decode_image(*args(d), decoder=decoder).astype(int)
             ).mean()
             for d in images
         ]
@@ -384,7 +388,7 @@ def measure_draft(count: int = 256, repeats: int = 7) -> dict:
             for name, draft in (("full", False), ("draft", True)):
                 t0 = time.perf_counter()
                 for d in images:
-                    decode_image(d, (size, size), channels, True, "center", 2**26, draft=draft)
+                    decode_image(*args(d), draft=draft, decoder=decoder)
                 rates[name].append(count / (time.perf_counter() - t0))
         per_pass = sorted(d / f for d, f in zip(rates["draft"], rates["full"]))
         out[f"{stored}_{mode}_to_{size}"] = {
@@ -409,8 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("section", choices=["draft"])
     parser.add_argument("--count", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--decoder", choices=["pillow", "simplejpeg"], default=JPEG_DECODER)
     args = parser.parse_args(argv)
-    print(json.dumps(measure_draft(args.count, args.repeats), indent=1))
+    print(json.dumps(measure_draft(args.count, args.repeats, args.decoder), indent=1))
     return 0
 
 

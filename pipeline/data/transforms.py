@@ -21,6 +21,9 @@ from PIL import Image
 IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "webp")
 # the format a member's suffix names, tried first: probing every format costs 2-3 us a sample
 FORMAT_OF = {"png": ("PNG",), "jpg": ("JPEG",), "jpeg": ("JPEG",), "webp": ("WEBP",)}
+# decode_image's default, the same as data.jpeg_decoder's (StreamConfig): a benchmark's
+# baseline decoding through decode_image decodes as the loader does
+JPEG_DECODER = "simplejpeg"
 CONVERTIBLE_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}
 
 
@@ -54,7 +57,7 @@ def decode_image(
     rng: np.random.Generator | None = None,
     draft: bool = False,
     suffix: str = "",
-    decoder: str = "simplejpeg",
+    decoder: str = JPEG_DECODER,
 ) -> np.ndarray:
     """Image bytes -> uint8 array ``(C, H, W)`` with ``(H, W) == size``.
 
@@ -218,7 +221,7 @@ def decode(
     seed: int = 0,
     epoch: int = 0,
     draft: bool = False,
-    decoder: str = "simplejpeg",
+    decoder: str = JPEG_DECODER,
 ) -> Iterator[dict]:
     """Raw samples ``{__key__, __url__, png|jpg, cls, __pos__, __pad__}`` -> decoded items.
 

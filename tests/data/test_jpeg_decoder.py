@@ -16,7 +16,7 @@ from pipeline.data.config import IngestConfig, StreamConfig
 from pipeline.data.ingest import ingest
 from pipeline.data.sources import synthetic_image
 from pipeline.data.stream import ShardStream, make_loader
-from pipeline.data.transforms import BadSample, decode_image
+from pipeline.data.transforms import JPEG_DECODER, BadSample, decode_image
 from pipeline.errors import ConfigError
 from pipeline.typed import build
 
@@ -177,6 +177,6 @@ def test_the_setting_is_checked():
         build(StreamConfig, {"train_url": "/tmp/x", "jpeg_decoder": "turbo"}, "data")
     config = build(StreamConfig, {"train_url": "/tmp/x", "jpeg_decoder": "simplejpeg"}, "data")
     assert config.jpeg_decoder == "simplejpeg"
-    assert StreamConfig("/tmp/x").jpeg_decoder == "simplejpeg"  # the default
+    assert StreamConfig("/tmp/x").jpeg_decoder == JPEG_DECODER == "simplejpeg"  # the defaults
     config = build(StreamConfig, {"train_url": "/tmp/x", "jpeg_decoder": "pillow"}, "data")
     assert config.jpeg_decoder == "pillow"
