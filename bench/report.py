@@ -689,12 +689,14 @@ def peers_section(r: dict, peers_json: Path = PEERS_JSON) -> list[str]:
     goal = r.get("s3_goal")
     if goal:  # measured for the goal: whole epochs of 60,000 images, paired
         s3_ratio, s3_label = goal["whole_ratio"], s3_goal_label(goal)
+        s3_spread = "{:.2f}-{:.2f} (pairs)".format(*goal["whole_ratio_min_max"])
     else:  # an older run: the smallest of the data section's ratios
         s3 = [
             d["ratios"].get(f"s3_vs_local_w{GOAL_WORKERS}") for d in r.get("data_path", {}).values()
         ]
         s3 = [x for x in s3 if x is not None]
         s3_ratio, s3_label = (min(s3) if s3 else None), "(make bench's datasets)"
+        s3_spread = "-"
     out = [
         "### 1b. Beside LitData and MosaicML Streaming",
         "",
@@ -724,7 +726,7 @@ def peers_section(r: dict, peers_json: Path = PEERS_JSON) -> list[str]:
         "Issue 16's goals, each a ratio of medians of one run (S3 / local: section 1c, from "
         "this run):",
         "",
-        *goals(p, s3_ratio, s3_label),
+        *goals(p, s3_ratio, s3_label, s3_spread),
         "",
     ]
     return out
