@@ -20,9 +20,7 @@ by node IP, so it sees one node with ``local_world_size`` 2; node ids stay disti
 from __future__ import annotations
 
 import json
-import random
 import signal
-import socket
 import sys
 import urllib.error
 import urllib.parse
@@ -51,35 +49,6 @@ LAUNCH = (
     f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
     "from tests.ray_node import main; sys.exit(main())"
 )
-
-
-_stable_ports: set[int] = set()
-
-
-def stable_port(low: int = 22000) -> int:
-    """A free port on 127.0.0.1 that nothing else here picks by itself: under the kernel's
-    ephemeral range (which ``free_port`` and every outgoing connection draw from) and above
-    Ray's default worker ports (10002-19999). A node restarted on the ports of its killed
-    incarnation then finds them free: an ephemeral one could meanwhile be the local end of
-    any of the thousands of connections the other services open.
-    """
-    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-        high = min(int(f.read().split()[0]), 32768)
-    if high - low < 1000:  # an unusual ephemeral range: no room under it
-        return free_port()
-    pick = random.Random()  # seeded from the OS: xdist processes do not walk the same order
-    for _ in range(200):
-        port = pick.randrange(low, high)
-        if port in _stable_ports:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind((LOOPBACK, port))
-            except OSError:
-                continue
-        _stable_ports.add(port)
-        return port
-    raise ServiceError(f"no free port in {low}-{high} on {LOOPBACK}")
 
 
 class RayWorkerNode(Service):
@@ -114,9 +83,11 @@ class RayWorkerNode(Service):
         self.head, self.num_cpus = head, num_cpus
         self.extra_env, self.resources = dict(env or {}), dict(resources or {})
         self.object_store_memory = object_store_memory
-        # fixed across restarts, as on a real machine, and out of the ephemeral range
+        # fixed across restarts, as on a real machine; free_port() draws them from under the
+        # kernel's ephemeral range, so a restarted node finds them free: an ephemeral one could
+        # meanwhile be the local end of any of the connections the other services open
         self.port_map = {
-            flag: stable_port()
+            flag: free_port()
             for flag in (
                 "node-manager-port",
                 "object-manager-port",

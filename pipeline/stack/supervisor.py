@@ -30,17 +30,42 @@ MARKER_ENV = "PIPELINE_SERVICE_MARKER"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_TEMPLATE = REPO_ROOT / "infra" / "local" / "prometheus.yml"
 _handed_out: set[int] = set()
+# free_port() hands out ports from here up to the kernel's ephemeral range: above Ray's worker
+# ports (10002-19999 by default, 20000-20999 in the local stack) and below every port the
+# kernel picks itself, for a bind to port 0 or the local end of an outgoing connection
+FREE_PORT_LOW = 21000
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
 class ServiceError(PipelineError):
     """A service failed to start, become healthy or stop."""
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1, never the same one twice per process."""
+    """A currently free TCP port on 127.0.0.1, never the same one twice per process.
+
+    Drawn at random from ``FREE_PORT_LOW`` up to the kernel's ephemeral range (21000-32767 by
+    default): a port from the ephemeral range could become the local end of any outgoing
+    connection on the machine (Ray's processes open thousands) before the service that was
+    given it binds it, and that service would fail to start. Where that window is empty (an
+    ephemeral range that starts lower), the kernel picks, as for a bind to port 0.
+    """
+    low, high = FREE_PORT_LOW, _ephemeral_low()
     for _ in range(100):
+        # from the OS's entropy: a seeded ``random`` would give every process the same ports
+        port = low + secrets.randbelow(high - low) if high > low else 0
         with socket.socket() as s:
-            s.bind((LOOPBACK, 0))
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError:
+                continue
             port = s.getsockname()[1]
         if port not in _handed_out:
             _handed_out.add(port)
